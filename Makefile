@@ -1,0 +1,33 @@
+# speech-ssl: `make demo` and `make test` each work on a fresh machine with Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test test-fast bench clean
+
+# Creates .venv and installs the package (editable) with its dev and decode extras.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,decode]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job: the pretrain -> finetune -> evaluate -> embed pipeline on the in-repo demo corpus.
+demo: $(STAMP)
+	$(BIN)/speech-ssl run output_dir=outputs/demo
+
+# The whole test suite (about 10 minutes on 2 CPU cores).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	@echo "benchmarks are scripts: see benchmarks/README.md"
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
