@@ -1,0 +1,127 @@
+"""Launch the training loop: in this process (``trainer.num_workers=0``) or on Ray Train workers.
+
+The driver resolves everything that should happen once (reading the corpus, building a vocabulary)
+into the task object, then ships it to the workers. Checkpoints live under the storage root:
+``<output_dir>`` itself by default, or ``<trainer.storage_path>/<output_dir name>`` (e.g. S3) on
+clusters. After the run, ``<output_dir>/last`` and ``<output_dir>/best`` are checkpoint directories.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from speech_ssl.errors import SpeechSSLError
+from speech_ssl.train import checkpoint as ckpt
+from speech_ssl.train.config import TrainerConfig
+from speech_ssl.train.context import LocalContext, RayTrainContext
+from speech_ssl.train.loop import train
+from speech_ssl.train.task import Task
+
+log = logging.getLogger(__name__)
+
+
+def storage_root(output_dir: Path, cfg: TrainerConfig) -> str:
+    if cfg.storage_path:
+        return f"{cfg.storage_path.rstrip('/')}/{output_dir.name}"
+    return str(output_dir)
+
+
+def _worker_main(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker."""
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    cfg: TrainerConfig = config["trainer"]
+    threads = config.get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    ctx = RayTrainContext(config["storage_root"])
+    train(config["task"], cfg, ctx, Path(config["output_dir"]))
+
+
+def _threads_per_worker(cfg: TrainerConfig) -> int:
+    # A worker holding a fraction of a CPU still gets one intra-op thread; whole CPUs get that many.
+    return max(1, int(cfg.cpus_per_worker))
+
+
+def run_training(task: Task, cfg: TrainerConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Train ``task`` as ``cfg`` says, resuming from ``output_dir`` if it holds checkpoints."""
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    root = storage_root(output_dir, cfg)
+    if cfg.num_workers == 0:
+        summary = train(task, cfg, LocalContext(root), output_dir)
+    else:
+        summary = _fit_on_ray(task, cfg, output_dir, root)
+    _finalise_pointers(output_dir, root, summary)
+    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _fit_on_ray(task: Task, cfg: TrainerConfig, output_dir: Path, root: str) -> dict[str, Any]:
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    storage_path = cfg.storage_path or str(output_dir.parent)
+    trainer = TorchTrainer(
+        _worker_main,
+        train_loop_config={"task": task, "trainer": cfg, "storage_root": root, "output_dir": str(output_dir),
+                           "threads": _threads_per_worker(cfg)},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=output_dir.name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Retention (last K plus the best) is ours: see speech_ssl.train.checkpoint.prune.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, SpeechSSLError):
+            raise cause from None
+        raise SpeechSSLError(f"training failed after {cfg.max_failures} automatic restarts: {cause}") from err
+    summary = _summary_from_storage(root)
+    summary["ray_result_path"] = str(result.path)
+    return summary
+
+
+def _summary_from_storage(root: str) -> dict[str, Any]:
+    last = ckpt.latest_complete(root)
+    if last is None:
+        raise SpeechSSLError(f"training finished without a complete checkpoint under {root}")
+    fs, path = ckpt.storage_fs(last)
+    with fs.open_input_stream(f"{path}/trainer_state.json") as f:
+        state = json.loads(f.read().decode())
+    best = state.get("best_name")
+    return {"updates": state["updates"], "last": last,
+            "best": f"{root.rstrip('/')}/{best}" if best else last,
+            "metrics": state.get("metrics", {}), "nonfinite_skipped": state.get("nonfinite_skipped", 0)}
+
+
+def _finalise_pointers(output_dir: Path, root: str, summary: dict[str, Any]) -> None:
+    """``<output_dir>/last`` and ``best``: symlinks into local storage, or local copies of remote ones."""
+    last = summary.get("last") or ckpt.latest_complete(root)
+    if last is None:
+        return
+    best = summary.get("best") or last
+    if best and "://" not in best and not os.path.isabs(best):
+        best = f"{root.rstrip('/')}/{best}"
+    for link, target in (("last", last), ("best", best)):
+        if "://" in root:
+            ckpt.download(target, output_dir / link)
+        else:
+            ckpt.point(output_dir / link, Path(target))
+    summary["last"], summary["best"] = str(output_dir / "last"), str(output_dir / "best")

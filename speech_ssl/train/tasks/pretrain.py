@@ -1,0 +1,139 @@
+"""The wav2vec 2.0 pretraining task: contrastive + diversity loss on cropped, unpadded batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from speech_ssl.data import BatchStream, DataConfig, FeatureSpec, Utterance
+from speech_ssl.train.metrics import CollapseMonitor
+from speech_ssl.train.task import StepOutput
+
+
+def feature_spec_for(model_config: Any, sample_rate: int = 16000) -> FeatureSpec:
+    """What the data pipeline must produce for a model: waveform for the conv front end (normalised
+    per utterance when the model says so), or log-mel filterbanks for the fbank front end."""
+    if model_config.frontend == "fbank":
+        return FeatureSpec(kind="fbank", sample_rate=sample_rate, n_mels=model_config.n_mels, normalize=True)
+    return FeatureSpec(kind="waveform", sample_rate=sample_rate, normalize=bool(model_config.normalize_waveform))
+
+
+def use_ray_data() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+@dataclass
+class PretrainTask:
+    """Pretraining: ``model`` (a preset name) with ``model_overrides``, on ``train`` utterances."""
+
+    model: str
+    data: DataConfig
+    train: list[Utterance]
+    valid: Optional[list[Utterance]] = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    warmup_updates: int = 0
+
+    name = "pretrain"
+    best_metric = "valid_loss"
+    best_mode = "min"
+    progress_keys = ("loss", "accuracy", "code_perplexity", "temperature", "lr", "grad_norm",
+                     "audio_seconds_per_second", "data_wait_fraction")
+    mean_keys = ("diversity", "feature_penalty", "code_perplexity", "prob_perplexity", "temperature")
+    plot_panels = (
+        ("loss (nats per masked frame)", ("loss", "valid_loss")),
+        ("contrastive accuracy", ("accuracy", "valid_accuracy")),
+        ("codebook perplexity", ("code_perplexity", "prob_perplexity")),
+        ("Gumbel temperature", ("temperature",)),
+        ("learning rate", ("lr",)),
+        ("audio s / s / worker", ("audio_seconds_per_second",)),
+    )
+
+    def __post_init__(self):
+        self._streams: dict[str, BatchStream] = {}
+        self._model_config = None
+
+    # -- model ---------------------------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        from speech_ssl.models import build
+
+        model = build(self.model, **self.model_overrides)
+        self._model_config = model.config
+        return model
+
+    @property
+    def model_config(self):
+        if self._model_config is None:
+            from speech_ssl.models import PRESETS
+
+            import dataclasses
+
+            self._model_config = dataclasses.replace(PRESETS[self.model], **self.model_overrides)
+        return self._model_config
+
+    def on_update(self, model: torch.nn.Module, updates: int) -> None:
+        model.set_num_updates(updates)
+
+    def find_unused_parameters(self, model: torch.nn.Module) -> bool:
+        return model.config.layerdrop > 0
+
+    def collapse_monitor(self) -> CollapseMonitor:
+        return CollapseMonitor(self.model_config.num_negatives, after_updates=max(1000, 2 * self.warmup_updates))
+
+    def extra_files(self) -> dict[str, Any]:
+        return {}
+
+    # -- data ----------------------------------------------------------------------------------------
+    def _stream(self, split: str, utterances, rank: int, world_size: int, seed: int) -> BatchStream:
+        if split not in self._streams:
+            spec = feature_spec_for(self.model_config, self.data.sample_rate)
+            self._streams[split] = BatchStream(utterances, self.data, spec, mode="crop", rank=rank,
+                                               world_size=world_size, seed=seed, use_ray=use_ray_data())
+        return self._streams[split]
+
+    def train_batches(self, rank: int, world_size: int, seed: int) -> BatchStream:
+        return self._stream("train", self.train, rank, world_size, seed)
+
+    def valid_batches(self, rank: int, world_size: int, seed: int) -> Optional[BatchStream]:
+        if not self.valid:
+            return None
+        return self._stream("valid", self.valid, rank, world_size, seed)
+
+    def ingest_reports(self):
+        return {split: stream.report for split, stream in self._streams.items()}
+
+    # -- loss ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _forward(model, batch, device):
+        lengths = None if batch.lengths is None else batch.lengths.to(device, non_blocking=True)
+        if lengths is not None and bool((lengths == batch.inputs.shape[1]).all()):
+            lengths = None  # nothing padded: the faster path
+        return model(batch.inputs.to(device, non_blocking=True), lengths)
+
+    def step(self, model, batch, device) -> StepOutput:
+        out = self._forward(model, batch, device)
+        return StepOutput(out.loss_sum, out.sample_size, dict(out.logs), batch.audio_seconds)
+
+    def summarize(self, sums: dict[str, float], sample_size: float) -> dict[str, float]:
+        metrics = {k: v for k, v in sums.items() if k not in ("loss_sum",)}
+        metrics["accuracy"] = sums.get("correct", 0.0) / max(sums.get("count", 0.0), 1.0)
+        metrics["contrastive_per_frame"] = sums.get("contrastive", 0.0) / max(sample_size, 1.0)
+        return metrics
+
+    def valid_keys(self):
+        return ("loss_sum", "sample_size", "contrastive", "correct", "count")
+
+    def valid_step(self, model, batch, device) -> dict[str, float]:
+        out = self._forward(model, batch, device)
+        return {"loss_sum": float(out.loss_sum), "sample_size": float(out.sample_size),
+                "contrastive": out.logs["contrastive"], "correct": out.logs["correct"], "count": out.logs["count"]}
+
+    def summarize_valid(self, sums: dict[str, float]) -> dict[str, float]:
+        if sums.get("sample_size", 0.0) <= 0:
+            return {}
+        return {"valid_loss": sums["loss_sum"] / sums["sample_size"],
+                "valid_accuracy": sums["correct"] / max(sums["count"], 1.0),
+                "valid_contrastive_per_frame": sums["contrastive"] / sums["sample_size"]}
