@@ -156,3 +156,119 @@ def make_toy_asr_corpus(root: Path, n: int = 40, seed: int = 0, split: str = "tr
         rows.append({"path": rel, "duration": round(sf.info(str(root / rel)).duration, 3),
                      "speaker": f"spk{i % 2}", "text": text})
     return write_manifest(root / f"{split}.jsonl", rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Corpora in every format, and a zoo of broken files (for the data tests)
+# ---------------------------------------------------------------------------------------------------
+
+# (format, sample rate, channels) of the good files: every supported format, several rates and layouts.
+FORMAT_MATRIX = [
+    ("wav", 16000, 1), ("wav", 8000, 1), ("wav", 44100, 2), ("wav", 22051, 1),
+    ("flac", 16000, 1), ("flac", 22050, 2), ("flac", 48000, 3),
+    ("ogg", 16000, 1), ("ogg", 48000, 2),
+    ("opus", 16000, 1), ("opus", 48000, 2),
+    ("mp3", 16000, 1), ("mp3", 44100, 2),
+]
+
+
+def multichannel(seconds: float, rate: int, channels: int, seed: int = 0) -> np.ndarray:
+    """[n] for mono, else [n, channels] of related but distinct signals."""
+    base = speechlike(seconds, rate, seed=seed)
+    if channels == 1:
+        return base
+    return np.stack([base * (0.5 + 0.5 * c / channels) for c in range(channels)], axis=1).astype(np.float32)
+
+
+def make_format_corpus(root: Path, seconds: float = 1.5, matrix=FORMAT_MATRIX) -> Path:
+    """One good file per (format, rate, channels) under ``root/formats/`` and ``root/formats.jsonl``."""
+    root = Path(root)
+    rows = []
+    for i, (fmt, rate, channels) in enumerate(matrix):
+        rel = f"formats/{fmt}_{rate}_{channels}ch{SUFFIX[fmt]}"
+        write_audio(root / rel, multichannel(seconds, rate, channels, seed=i), rate, fmt)
+        rows.append({"path": rel, "duration": round(sf.info(str(root / rel)).duration, 4), "speaker": fmt})
+    return write_manifest(root / "formats.jsonl", rows)
+
+
+def _cut(src: Path, dst: Path, keep: float) -> None:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * keep)])
+
+
+def _garble(src: Path, dst: Path) -> None:
+    data = bytearray(src.read_bytes())
+    start = len(data) // 3
+    data[start:start + 400] = b"\x55" * 400
+    dst.write_bytes(bytes(data))
+
+
+# name -> (reason when decoded, reason from a header probe alone; None: the header looks fine)
+BROKEN_EXPECTED = {
+    "missing.wav": ("missing", "missing"),
+    "empty.wav": ("empty", "empty"),
+    "not_audio.flac": ("not-audio", "not-audio"),
+    "header_only.flac": ("corrupt", "corrupt"),
+    "garbled.opus": ("corrupt", "corrupt"),
+    "truncated.wav": ("truncated", "truncated"),
+    "truncated.ogg": ("truncated", "truncated"),
+    "truncated.mp3": ("truncated", None),
+    "truncated.flac": ("corrupt", None),
+    "nan.wav": ("non-finite", None),
+    "inf.wav": ("non-finite", None),
+    "zero_length.wav": ("zero-length", "zero-length"),
+}
+
+
+def make_broken_zoo(root: Path, split: str = "broken") -> dict[str, Path]:
+    """Every kind of bad file under ``root/split/`` (``missing.wav`` is named but not written).
+
+    Returns name -> path; the expected reasons are in ``BROKEN_EXPECTED``.
+    """
+    root = Path(root)
+    folder = root / split
+    folder.mkdir(parents=True, exist_ok=True)
+    good = speechlike(2.0, 16000, seed=7)
+    tmp = {fmt: write_audio(folder / f".src.{fmt}", good, 16000, fmt) for fmt in ("wav", "flac", "ogg", "opus", "mp3")}
+    paths = {name: folder / name for name in BROKEN_EXPECTED}
+    paths["empty.wav"].write_bytes(b"")
+    paths["not_audio.flac"].write_text("this is a transcript, not audio\n" * 50)
+    paths["header_only.flac"].write_bytes(tmp["flac"].read_bytes()[:40])
+    _garble(tmp["opus"], paths["garbled.opus"])
+    _cut(tmp["wav"], paths["truncated.wav"], 0.5)
+    _cut(tmp["ogg"], paths["truncated.ogg"], 0.5)
+    _cut(tmp["mp3"], paths["truncated.mp3"], 0.5)
+    _cut(tmp["flac"], paths["truncated.flac"], 0.5)
+    nan = good.copy()
+    nan[1000] = np.nan
+    sf.write(str(paths["nan.wav"]), nan, 16000, subtype="FLOAT")
+    inf = good.copy()
+    inf[2000] = np.inf
+    sf.write(str(paths["inf.wav"]), inf, 16000, subtype="FLOAT")
+    sf.write(str(paths["zero_length.wav"]), np.zeros(0, np.float32), 16000)
+    for p in tmp.values():
+        p.unlink()
+    return paths
+
+
+def make_mixed_manifest(root: Path, good: int = 8, seed: int = 0, labeled: bool = False) -> tuple[Path, dict[str, str]]:
+    """``root/mixed.jsonl``: ``good`` good utterances plus the whole zoo (durations given, as a user's
+    manifest would, so bad files are found when decoded). Returns the manifest and name -> decode reason."""
+    root = Path(root)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(good):
+        rel = f"good/utt{i:03d}.flac"
+        seconds = round(rng.uniform(1.0, 2.5), 3)
+        write_audio(root / rel, speechlike(seconds, 16000, seed=seed * 100 + i), 16000)
+        row = {"path": rel, "duration": seconds, "speaker": f"spk{i % 2}"}
+        if labeled:
+            row["text"] = toy_text(rng)
+        rows.append(row)
+    zoo = make_broken_zoo(root)
+    for name in zoo:
+        row = {"path": f"broken/{name}", "duration": 2.0}
+        if labeled:
+            row["text"] = toy_text(rng)
+        rows.append(row)
+    return write_manifest(root / "mixed.jsonl", rows), {f"broken/{n}": BROKEN_EXPECTED[n][0] for n in zoo}

@@ -10,15 +10,18 @@ from typing import Optional
 class TextConfig:
     """Transcript normalisation for CTC, applied identically at training and evaluation time.
 
+    Order: Unicode NFKC, char_map replacements, removal of `remove`, upper-casing, whitespace collapsed.
     uppercase: fold letters to upper case.
     keep: characters kept besides letters and the space (everything else is an error, see unknown).
     char_map: explicit replacements applied first, e.g. {"-": " "}.
-    unknown: what to do with characters outside the vocabulary: error | drop.
+    remove: characters deleted outright (e.g. ",.?!"), after char_map.
+    unknown: what to do with characters outside the vocabulary: error (one message listing them all) | drop.
     """
 
     uppercase: bool = True
     keep: str = "'"
     char_map: dict[str, str] = field(default_factory=dict)
+    remove: str = ""
     unknown: str = field(default="error", metadata={"choices": ["error", "drop"]})
 
 
@@ -27,12 +30,22 @@ class DataConfig:
     """How audio is read, cut and batched (shared by every stage).
 
     sample_rate: rate everything is resampled to.
-    min_duration / max_duration: utterances outside [min, max] seconds are filtered (counted, reported).
-    segment_duration: recordings longer than this are split into segments of at most this length.
+    min_duration / max_duration: rows outside [min, max] seconds are filtered (counted, reported); applied
+        after long unlabeled recordings are split into segments.
+    segment_duration: unlabeled recordings longer than this are split into equal segments of at most this
+        length (transcribed utterances are never split; use max_duration to bound them).
     crop_duration: pretraining crops each utterance to at most this many seconds (random offset).
-    batch_seconds: audio seconds per batch per worker (the budget, like fairseq's max_tokens).
+    batch_seconds: audio seconds per batch per worker (the budget, like fairseq's max_tokens), counting
+        padding (fine-tuning) or the cropped length (pretraining).
     max_batch_size: at most this many utterances per batch.
-    num_cpus_per_reader: CPUs a Ray Data decode task asks for.
+    bucket_width: rows of one batch differ in length by at most this fraction of the shortest, which bounds
+        the padding (or crop) waste of a batch by bucket_width / (1 + bucket_width); null disables bucketing.
+    shuffle: reshuffle rows and batches every epoch (from the seed); false: batches in length order.
+    num_cpus_per_reader: CPUs a Ray Data decode task asks for (fractions allowed).
+    max_readers: at most this many decode tasks at once (null: as many as Ray Data's CPUs allow).
+    prefetch_batches: batches decoded ahead of the consumer (bounds memory together with the budget).
+    extensions: audio file suffixes picked up when a directory or a list is scanned.
+    tsv_sample_rate: rate of the num_samples column of fairseq TSV manifests.
     """
 
     sample_rate: int = 16000
@@ -42,5 +55,11 @@ class DataConfig:
     crop_duration: Optional[float] = None
     batch_seconds: float = 40.0
     max_batch_size: int = 64
+    bucket_width: Optional[float] = 0.1
+    shuffle: bool = True
     num_cpus_per_reader: float = 1.0
+    max_readers: Optional[int] = None
+    prefetch_batches: int = 2
+    extensions: list[str] = field(default_factory=lambda: [".wav", ".flac", ".ogg", ".opus", ".mp3"])
+    tsv_sample_rate: int = 16000
     text: TextConfig = field(default_factory=TextConfig)
