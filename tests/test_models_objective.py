@@ -1,0 +1,214 @@
+"""The pretraining objective's semantics: masking, distractors, the loss and its parts, gradients, RNG."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from speech_ssl.models import build
+from speech_ssl.models.masking import compute_span_mask
+from speech_ssl.models.quantizer import GumbelQuantizer
+from speech_ssl.models.wav2vec2 import sample_negatives
+
+
+def waves(batch=2, samples=16000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 0.3 * torch.randn(batch, samples, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------------
+# masking
+# ---------------------------------------------------------------------------------------------------
+
+def test_span_count_with_unit_spans_is_probabilistic_rounding():
+    """With span length 1 nothing overlaps, so each row masks exactly max(min, int(p*len + U)) frames."""
+    torch.manual_seed(0)
+    lengths = torch.tensor([100, 37, 5, 64])
+    for _ in range(20):
+        mask = compute_span_mask((4, 100), lengths, 0.3, 1, min_masks=2, require_same_masks=False)
+        counts = mask.sum(1)
+        expected_low = torch.clamp(torch.floor(0.3 * lengths.double()).long(), min=2)
+        assert ((counts == expected_low) | (counts == expected_low + 1)).all(), counts
+        assert not (mask & (torch.arange(100)[None] >= lengths[:, None])).any()  # never padding
+
+
+def test_span_mask_fraction_min_masks_and_same_count():
+    torch.manual_seed(1)
+    mask = compute_span_mask((64, 500), None, 0.65, 10, min_masks=2, require_same_masks=False)
+    fraction = mask.float().mean().item()
+    # fairseq's rule masks 1 - (1 - 0.065)^10 ~ 49% of frames (overlapping spans merge)
+    assert 0.45 < fraction < 0.53
+    # short rows still get min_masks spans' worth; padding never masked; equal counts when required
+    lengths = torch.tensor([300, 120, 25, 12])
+    mask = compute_span_mask((4, 300), lengths, 0.65, 10, min_masks=2, require_same_masks=True)
+    counts = mask.sum(1)
+    assert (counts == counts[0]).all() and counts[0] >= 10
+    assert not (mask & (torch.arange(300)[None] >= lengths[:, None])).any()
+
+
+def test_pretraining_masks_follow_the_config():
+    torch.manual_seed(2)
+    model = build("tiny", mask_prob=0.5, mask_length=5)
+    lengths = torch.tensor([16000, 11000])
+    out = model(waves(), lengths)
+    mask = out.mask_time
+    assert mask.shape == (2, 49)
+    counts = mask.sum(1)
+    assert counts[0] == counts[1] == out.sample_size // 2  # require_same_masks
+    assert out.sample_size == out.logs["num_masked"] == out.logs["count"]
+    valid = model.encoder.output_lengths(lengths)
+    assert out.logs["num_frames"] == float(valid.sum())
+    assert not (mask & (torch.arange(49)[None] >= valid[:, None])).any()
+
+
+# ---------------------------------------------------------------------------------------------------
+# distractors
+# ---------------------------------------------------------------------------------------------------
+
+def test_distractors_never_the_positive_and_stay_in_the_utterance():
+    torch.manual_seed(3)
+    counts = torch.tensor([7, 1, 30, 2])
+    rows = torch.repeat_interleave(torch.arange(4), counts)
+    positions = torch.cat([torch.arange(c) for c in counts.tolist()])
+    neg = sample_negatives(rows, positions, counts, 200)
+    assert neg.shape == (int(counts.sum()), 200)
+    assert (neg < counts[rows][:, None]).all() and (neg >= 0).all()
+    several = counts[rows] > 1
+    assert (neg[several] != positions[several][:, None]).all()
+    # uniform over the *other* masked frames: each of them gets drawn
+    row2 = rows == 2
+    for frame in torch.nonzero(row2).flatten()[:3].tolist():
+        drawn = set(neg[frame].tolist())
+        assert drawn == set(range(30)) - {positions[frame].item()}
+
+
+def test_identical_codeword_distractors_are_masked_out():
+    torch.manual_seed(4)
+    model = build("tiny").eval()
+    with torch.no_grad():  # every frame picks entry 0 in every group: all distractors share the codeword
+        model.quantizer.logits_proj.bias.zero_()
+        model.quantizer.logits_proj.bias[0::model.config.codebook_entries] = 1e4
+        out = model(waves())
+    assert torch.isinf(out.logits[:, 1:]).all() and torch.isfinite(out.logits[:, 0]).all()
+    assert out.logs["contrastive"] == 0.0
+
+
+def test_random_init_loss_sits_near_chance():
+    torch.manual_seed(5)
+    model = build("tiny")
+    out = model(waves(2, 32000))
+    per_frame = out.logs["contrastive"] / out.sample_size
+    chance = math.log(model.config.num_negatives + 1)
+    assert abs(per_frame - chance) < 0.15 * chance
+    total = out.logs["contrastive"] + out.logs["diversity"] + out.logs["feature_penalty"]
+    assert abs(float(out.loss_sum.detach()) - total) < 1e-3 * total
+    assert abs(float(out.loss.detach()) - float(out.loss_sum.detach()) / out.sample_size) < 1e-6
+
+
+def test_logits_are_fp32_cosines_over_kappa():
+    torch.manual_seed(6)
+    model = build("tiny")
+    out = model(waves())
+    assert out.logits.dtype == torch.float32
+    finite = out.logits[torch.isfinite(out.logits)]
+    assert finite.abs().max() <= 1.0 / model.config.logit_temp + 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# quantizer, diversity, temperature
+# ---------------------------------------------------------------------------------------------------
+
+def test_diversity_is_zero_for_uniform_codebook_use():
+    q = GumbelQuantizer(in_dim=16, groups=2, entries=8, codebook_dim=8)
+    with torch.no_grad():
+        q.logits_proj.weight.zero_()
+        q.logits_proj.bias.zero_()
+    out = q(torch.randn(50, 16))
+    assert abs(float(out.prob_perplexity) - 16.0) < 1e-4
+    assert abs(float(out.diversity)) < 1e-5
+    with torch.no_grad():
+        q.logits_proj.bias[0] = 20.0  # group 0 collapses onto one entry
+    out = q(torch.randn(50, 16))
+    assert float(out.diversity) > 0.4
+
+
+def test_temperature_schedule_lives_in_the_state_dict():
+    model = build("tiny")
+    cfg = model.config
+    assert "quantizer.temperature" in model.state_dict()
+    model.set_num_updates(100_000)
+    expected = max(cfg.temperature_max * cfg.temperature_decay ** 100_000, cfg.temperature_min)
+    assert abs(model.temperature - expected) < 1e-6
+    model.set_num_updates(10_000_000)
+    assert model.temperature == pytest.approx(cfg.temperature_min)
+    other = build("tiny")
+    other.load_state_dict(model.state_dict())
+    assert other.temperature == pytest.approx(cfg.temperature_min)
+
+
+# ---------------------------------------------------------------------------------------------------
+# padding, gradients, reproducibility
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["tiny", "fbank-tiny"])
+def test_layer_norm_models_same_features_alone_or_padded(preset):
+    torch.manual_seed(7)
+    model = build(preset).eval()
+    if preset == "tiny":
+        short, long = waves(1, 9000, seed=1), waves(1, 16000, seed=2)
+        batch = torch.zeros(2, 16000)
+        batch[0, :9000], batch[1] = short[0], long[0]
+        lengths = torch.tensor([9000, 16000])
+    else:
+        g = torch.Generator().manual_seed(3)
+        short, long = torch.randn(1, 60, 80, generator=g), torch.randn(1, 100, 80, generator=g)
+        batch = torch.zeros(2, 100, 80)
+        batch[0, :60], batch[1] = short[0], long[0]
+        lengths = torch.tensor([60, 100])
+    assert model.encoder.padding_is_exact()
+    with torch.no_grad():
+        padded = model.encoder(batch, lengths)
+        alone = model.encoder(short)
+        alone_long = model.encoder(long)
+    n = alone.last_hidden_state.shape[1]
+    assert int(padded.lengths[0]) == n
+    assert (padded.last_hidden_state[0, :n] - alone.last_hidden_state[0]).abs().max() < 1e-4
+    assert (padded.last_hidden_state[1] - alone_long.last_hidden_state[0]).abs().max() < 1e-4
+
+
+def test_gradients_reach_quantizer_and_front_end_scaled():
+    torch.manual_seed(9)
+    reference = build("tiny", dropout=0.0, layerdrop=0.0).state_dict()
+    results = {}
+    for scale in (1.0, 0.1):
+        model = build("tiny", feature_grad_scale=scale, dropout=0.0, layerdrop=0.0)
+        model.load_state_dict(reference)
+        torch.manual_seed(10)  # same masks, distractors and Gumbel noise for both scales
+        out = model(waves())
+        out.loss.backward()
+        assert model.quantizer.codebook.grad.abs().sum() > 0
+        assert model.quantizer.logits_proj.weight.grad.abs().sum() > 0
+        assert model.target_projection.weight.grad.abs().sum() > 0
+        conv = model.encoder.feature_encoder.layers[0].conv.weight.grad
+        assert conv is not None and conv.abs().sum() > 0
+        results[scale] = (conv.clone(), model.encoder.feature_projection.weight.grad.clone())
+    conv_full, proj_full = results[1.0]
+    conv_scaled, proj_scaled = results[0.1]
+    assert torch.allclose(proj_scaled, proj_full, atol=1e-6)  # above the front end: unchanged
+    assert torch.allclose(conv_scaled, 0.1 * conv_full, rtol=1e-3, atol=1e-8)
+
+
+def test_randomness_comes_from_torch_rng_state():
+    model = build("tiny")  # dropout, layerdrop, masking, distractors and Gumbel noise all active
+    x = waves()
+    torch.manual_seed(11)
+    state = torch.get_rng_state()
+    first = model(x)
+    second = model(x)
+    torch.set_rng_state(state)
+    again = model(x)
+    assert float(first.loss_sum) == float(again.loss_sum)
+    assert torch.equal(first.mask_time, again.mask_time)
+    assert float(first.loss_sum) != float(second.loss_sum)
