@@ -116,7 +116,10 @@ def reader_cpus(wanted: float) -> float:
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 0.0))
-    held = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+    try:  # inside a task or actor: what it holds; the driver holds nothing
+        held = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+    except AssertionError:
+        held = 0.0
     free = total - held
     if free <= 0:
         raise SpeechSSLError(f"no CPU left for Ray Data decoding: the cluster has {total:g} CPUs and this worker "
