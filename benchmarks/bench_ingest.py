@@ -1,0 +1,267 @@
+"""Ingest throughput: the Ray Data pipeline against a plain single-process loop doing the same work.
+
+Work per utterance: decode (soundfile), downmix, resample to 16 kHz (torchaudio; a no-op for 16 kHz
+sources), 80-bin Kaldi fbank (torchaudio). The pipeline also buckets, pads and collates batches and
+hands them to this process as tensors, as a training worker receives them.
+
+Figures, side by side in one run (each Ray configuration in a fresh subprocess with its own Ray):
+
+* ``plain``: a for-loop over the files in this process (soundfile + torchaudio only, none of our code),
+  with torch's default threads, and with one thread;
+* ``ray N cpu``: ``BatchStream(use_ray=True)`` on a local Ray of N CPUs; epoch 0 (cold: worker processes
+  start and import torch) and epoch 1 (warm: what every later epoch of a training run costs);
+* peak memory of each run: the whole process tree (driver, GCS, raylet, workers), summed PSS (each shared
+  page counted once) and summed RSS (shared pages counted in every process);
+* optionally (``--train-rate``) what one training worker consumes: audio-s/s of forward + backward of the
+  tiny pretraining model on the same machine.
+
+    .venv/bin/python benchmarks/bench_ingest.py                       # 1 h subset, 1 and 2 CPUs
+    .venv/bin/python benchmarks/bench_ingest.py --hours 0 --cpus 1 2  # the whole 4.5 h corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "shared/data/tts-harvard/unlabeled.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory of a process tree, from /proc (no psutil needed)
+# ---------------------------------------------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    seen, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo.extend(_children(p))
+    return seen
+
+
+def _mem_kb(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) in kB of one process (0, 0 if it is gone)."""
+    pss = rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+                elif line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+    except OSError:
+        pass
+    return pss, rss
+
+
+class TreeMemory:
+    """Samples the summed PSS/RSS of this process and all its descendants every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak_pss, self.peak_rss = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pss = rss = 0
+            for pid in _tree(os.getpid()):
+                p, r = _mem_kb(pid)
+                pss, rss = pss + p, rss + r
+            self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The runs
+# ---------------------------------------------------------------------------------------------------
+
+def load_subset(manifest: str, hours: float, seed: int = 0):
+    import random
+
+    from speech_ssl.data import read_source
+
+    utts = list(read_source(manifest))
+    if hours and hours > 0:
+        random.Random(seed).shuffle(utts)
+        kept, total = [], 0.0
+        for u in utts:
+            if total >= hours * 3600:
+                break
+            kept.append(u)
+            total += u.duration
+        utts = kept
+    return utts
+
+
+def run_plain(manifest: str, hours: float, threads: int | None) -> dict:
+    """The reference: a plain loop, soundfile + torchaudio, in this process."""
+    import numpy as np
+    import soundfile as sf
+    import torch
+    import torchaudio
+
+    if threads:
+        torch.set_num_threads(threads)
+    utts = load_subset(manifest, hours)
+    seconds = 0.0
+    with TreeMemory() as mem:
+        t0 = time.perf_counter()
+        for u in utts:
+            samples, rate = sf.read(u.path, dtype="float32", always_2d=True)
+            wave = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1)))
+            if rate != 16000:
+                wave = torchaudio.functional.resample(wave, rate, 16000)
+            with torch.inference_mode():
+                torchaudio.compliance.kaldi.fbank(wave[None] * 32768, num_mel_bins=80, sample_frequency=16000,
+                                                  dither=0.0)
+            seconds += u.duration
+        wall = time.perf_counter() - t0
+    return {"run": f"plain ({torch.get_num_threads()} torch threads)", "audio_s": seconds, "wall_s": wall,
+            "rate": seconds / wall, "peak_pss_mb": mem.peak_pss / 1024, "peak_rss_mb": mem.peak_rss / 1024}
+
+
+def run_ray(manifest: str, hours: float, cpus: int, batch_seconds: float, epochs: int) -> dict:
+    import ray
+
+    from speech_ssl.data import BatchStream, DataConfig, FeatureSpec
+
+    utts = load_subset(manifest, hours)
+    duration = {u.id: u.duration for u in utts}
+    results = {"run": f"ray data, {cpus} CPU", "epochs": []}
+    with TreeMemory() as mem:
+        ray.init(num_cpus=cpus, object_store_memory=400 << 20, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        stream = BatchStream(utts, DataConfig(batch_seconds=batch_seconds), FeatureSpec("fbank", n_mels=80), "pad",
+                             use_ray=True)
+        for epoch in range(epochs):
+            seconds, batches = 0.0, 0
+            t0 = time.perf_counter()
+            for batch in stream.iter_epoch(epoch):
+                seconds += sum(duration[i] for i in batch.ids)
+                batches += 1
+            wall = time.perf_counter() - t0
+            results["epochs"].append({"epoch": epoch, "audio_s": seconds, "wall_s": wall, "rate": seconds / wall,
+                                      "batches": batches})
+        results["padding_waste"] = stream.report.padding_waste
+        results["report"] = stream.report.summary_line("bench")
+        ray.shutdown()
+    results["peak_pss_mb"], results["peak_rss_mb"] = mem.peak_pss / 1024, mem.peak_rss / 1024
+    return results
+
+
+def run_train_rate(steps: int = 6) -> dict:
+    """Audio-s/s of forward + backward of the tiny pretraining model (what one training worker consumes)."""
+    import torch
+
+    from speech_ssl.models import build
+
+    torch.manual_seed(0)
+    model = build("tiny")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch, seconds = 8, 5.0
+    waves = torch.randn(batch, int(seconds * 16000))
+    lengths = torch.full((batch,), waves.shape[1], dtype=torch.long)
+    for _ in range(2):  # warm-up
+        out = model(waves, lengths)
+        (out.loss_sum / max(1, int(out.sample_size))).backward()
+        opt.step()
+        opt.zero_grad()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = model(waves, lengths)
+        (out.loss_sum / max(1, int(out.sample_size))).backward()
+        opt.step()
+        opt.zero_grad()
+    wall = time.perf_counter() - t0
+    return {"run": "tiny model forward+backward", "rate": steps * batch * seconds / wall}
+
+
+def _child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=1800)
+    for line in out.stdout.splitlines()[::-1]:
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"benchmark child {args} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST))
+    parser.add_argument("--hours", type=float, default=1.0, help="random subset of this many hours (0: all)")
+    parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch-seconds", type=float, default=40.0)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-rate", action="store_true", help="also measure the tiny model's consumption")
+    parser.add_argument("--child", choices=["plain", "ray", "train"], help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child == "plain":
+        print(json.dumps(run_plain(args.manifest, args.hours, args.threads or None)))
+        return
+    if args.child == "ray":
+        print(json.dumps(run_ray(args.manifest, args.hours, args.cpus[0], args.batch_seconds, args.epochs)))
+        return
+    if args.child == "train":
+        print(json.dumps(run_train_rate()))
+        return
+
+    if not Path(args.manifest).exists():
+        print(f"skipped: {args.manifest} not found (the shared corpora are not on this machine)")
+        return
+    common = ["--manifest", args.manifest, "--hours", str(args.hours)]
+    print(f"load average before: {os.getloadavg()}; {os.cpu_count()} CPUs", flush=True)
+    plain = _child(["--child", "plain", *common])
+    plain1 = _child(["--child", "plain", "--threads", "1", *common])
+    rows = [plain, plain1]
+    print(f"{plain['run']}: {plain['audio_s']:.0f} audio-s in {plain['wall_s']:.1f} s = {plain['rate']:.0f} "
+          f"audio-s/s; peak {plain['peak_pss_mb']:.0f} MB PSS", flush=True)
+    print(f"{plain1['run']}: {plain1['rate']:.0f} audio-s/s", flush=True)
+    for cpus in args.cpus:
+        res = _child(["--child", "ray", "--cpus", str(cpus), "--batch-seconds", str(args.batch_seconds),
+                      "--epochs", str(args.epochs), *common])
+        rows.append(res)
+        for e in res["epochs"]:
+            print(f"{res['run']}, epoch {e['epoch']} ({'cold' if e['epoch'] == 0 else 'warm'}): "
+                  f"{e['audio_s']:.0f} audio-s in {e['wall_s']:.1f} s = {e['rate']:.0f} audio-s/s = "
+                  f"{e['rate'] / plain['rate']:.2f}x plain ({e['rate'] / plain1['rate']:.2f}x plain-1-thread)",
+                  flush=True)
+        print(f"  peak memory of the whole run: {res['peak_pss_mb']:.0f} MB PSS ({res['peak_rss_mb']:.0f} MB "
+              f"summed RSS); padding waste {100 * res['padding_waste']:.1f}%; {res['report']}", flush=True)
+    if args.train_rate:
+        train = _child(["--child", "train"])
+        rows.append(train)
+        print(f"{train['run']}: {train['rate']:.0f} audio-s/s (one training worker's consumption)", flush=True)
+    print(f"load average after: {os.getloadavg()}")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
