@@ -147,14 +147,16 @@ def run_plain(manifest: str, hours: float, threads: int | None) -> dict:
             "rate": seconds / wall, "peak_pss_mb": mem.peak_pss / 1024, "peak_rss_mb": mem.peak_rss / 1024}
 
 
-def run_ray(manifest: str, hours: float, cpus: int, batch_seconds: float, epochs: int) -> dict:
+def run_ray(manifest: str, hours: float, cpus: int, batch_seconds: float, epochs: int,
+            consumer_rate: float = 0.0) -> dict:
     import ray
 
     from speech_ssl.data import BatchStream, DataConfig, FeatureSpec
 
     utts = load_subset(manifest, hours)
     duration = {u.id: u.duration for u in utts}
-    results = {"run": f"ray data, {cpus} CPU", "epochs": []}
+    paced = f", consumer paced at {consumer_rate:g} audio-s/s" if consumer_rate else ""
+    results = {"run": f"ray data, {cpus} CPU{paced}", "epochs": []}
     with TreeMemory() as mem:
         ray.init(num_cpus=cpus, object_store_memory=400 << 20, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
@@ -166,6 +168,8 @@ def run_ray(manifest: str, hours: float, cpus: int, batch_seconds: float, epochs
             for batch in stream.iter_epoch(epoch):
                 seconds += sum(duration[i] for i in batch.ids)
                 batches += 1
+                if consumer_rate:  # a training worker that needs this long for the batch
+                    time.sleep(max(0.0, seconds / consumer_rate - (time.perf_counter() - t0)))
             wall = time.perf_counter() - t0
             results["epochs"].append({"epoch": epoch, "audio_s": seconds, "wall_s": wall, "rate": seconds / wall,
                                       "batches": batches})
@@ -219,6 +223,8 @@ def main() -> None:
     parser.add_argument("--batch-seconds", type=float, default=40.0)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train-rate", action="store_true", help="also measure the tiny model's consumption")
+    parser.add_argument("--consumer-rate", type=float, default=0.0,
+                        help="also run 2 CPUs with a consumer that takes this many audio-s/s (memory stays bounded)")
     parser.add_argument("--child", choices=["plain", "ray", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,7 +233,8 @@ def main() -> None:
         print(json.dumps(run_plain(args.manifest, args.hours, args.threads or None)))
         return
     if args.child == "ray":
-        print(json.dumps(run_ray(args.manifest, args.hours, args.cpus[0], args.batch_seconds, args.epochs)))
+        print(json.dumps(run_ray(args.manifest, args.hours, args.cpus[0], args.batch_seconds, args.epochs,
+                                 args.consumer_rate)))
         return
     if args.child == "train":
         print(json.dumps(run_train_rate()))
@@ -244,9 +251,10 @@ def main() -> None:
     print(f"{plain['run']}: {plain['audio_s']:.0f} audio-s in {plain['wall_s']:.1f} s = {plain['rate']:.0f} "
           f"audio-s/s; peak {plain['peak_pss_mb']:.0f} MB PSS", flush=True)
     print(f"{plain1['run']}: {plain1['rate']:.0f} audio-s/s", flush=True)
-    for cpus in args.cpus:
+    runs = [(cpus, 0.0) for cpus in args.cpus] + ([(2, args.consumer_rate)] if args.consumer_rate else [])
+    for cpus, rate in runs:
         res = _child(["--child", "ray", "--cpus", str(cpus), "--batch-seconds", str(args.batch_seconds),
-                      "--epochs", str(args.epochs), *common])
+                      "--epochs", str(args.epochs), "--consumer-rate", str(rate), *common])
         rows.append(res)
         for e in res["epochs"]:
             print(f"{res['run']}, epoch {e['epoch']} ({'cold' if e['epoch'] == 0 else 'warm'}): "

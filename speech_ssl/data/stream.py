@@ -106,8 +106,8 @@ def _to_batch(out: dict) -> Batch:
     )
 
 
-def reader_cpus(wanted: float) -> float:
-    """CPUs per decode task that this cluster can actually grant next to the calling worker.
+def reader_cpus(wanted: float) -> tuple[float, float]:
+    """(CPUs per decode task, CPUs Ray Data may use) that this cluster can grant next to the caller.
 
     A Ray Train worker holding CPUs of a small cluster leaves less than a whole CPU free for Ray Data
     (2 CPUs, 2 workers at 0.5 CPU leave 1): asking for more than the cluster has minus what the caller
@@ -127,8 +127,8 @@ def reader_cpus(wanted: float) -> float:
     if wanted > free:
         log.warning("data.num_cpus_per_reader=%g is more than the %g CPUs this cluster can give besides this "
                     "worker; decode tasks ask for %g", wanted, free, free)
-        return free
-    return wanted
+        return free, free
+    return wanted, free
 
 
 class BatchStream:
@@ -246,9 +246,9 @@ class BatchStream:
         if not ray.is_initialized():
             raise SpeechSSLError("BatchStream(use_ray=True) needs a running Ray (speech_ssl.runtime.ray_session, "
                                  "or a Ray Train worker); use use_ray=False for single-process use")
-        from ray.data import TaskPoolStrategy
+        from ray.data import ExecutionResources, TaskPoolStrategy
 
-        num_cpus = reader_cpus(self.cfg.num_cpus_per_reader)
+        num_cpus, free_cpus = reader_cpus(self.cfg.num_cpus_per_reader)
         items = [{"job": json.dumps(job)} for job in jobs]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(
@@ -258,7 +258,12 @@ class BatchStream:
         )
         ctx = ds.context
         ctx.execution_options.preserve_order = True
+        # Bound what runs ahead of the consumer: CPUs this worker leaves free, and object store memory for
+        # decoded batches (the rest waits as cheap job descriptions).
+        ctx.execution_options.resource_limits = ExecutionResources(
+            cpu=free_cpus, object_store_memory=float(self.cfg.buffer_mb) * (1 << 20))
         ctx.print_on_execution_start = False
+        ctx.enable_progress_bars = False  # one bar per epoch per worker is noise; the training loop logs progress
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow",
                                      prefetch_batches=max(0, self.cfg.prefetch_batches)):
             metas = table.column("meta").to_pylist()
