@@ -61,6 +61,14 @@ def _default_object_store_bytes() -> int:
     return int(min(2 << 30, 0.15 * total))
 
 
+def quiet_ray_loggers() -> None:
+    """Ray Data logs every dataset execution at INFO; our stages print their own progress."""
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # It warns once per process that progress bars are off, which is what we asked for.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
 def init_ray(cfg: RayConfig) -> bool:
     """Start or join Ray as ``cfg`` says. Returns False when Ray was already initialised (left as is)."""
     import ray
@@ -68,6 +76,7 @@ def init_ray(cfg: RayConfig) -> bool:
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
     level = getattr(logging, cfg.log_level.upper(), logging.WARNING)
+    quiet_ray_loggers()
     if ray.is_initialized():
         return False
     address = resolve_address(cfg)

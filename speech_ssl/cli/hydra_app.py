@@ -175,8 +175,9 @@ def run_hydra_app(name: str, overrides: list[str]) -> int:
     def task(cfg: Any) -> None:
         try:
             config = build_config(name, cfg)
-            code = module.run(config)
-            outcome["code"] = int(code or 0)
+            result = module.run(config)
+            # Stages return summaries for pipelines; only an int is an exit code.
+            outcome["code"] = result if isinstance(result, int) and not isinstance(result, bool) else 0
         except Exception as err:  # handed back to main(), which knows how to report each kind
             outcome["error"] = err
 

@@ -142,6 +142,7 @@ class TrainingState:
     best_score: Optional[float] = None
     best_name: Optional[str] = None
     nonfinite_skipped: int = 0
+    resumes: int = 0
     world_size: int = 1
     task: str = ""
 
@@ -170,10 +171,14 @@ def write_main_files(directory: Path, model: torch.nn.Module, optimizer: torch.o
     """Rank 0's part: model, optimizer, trainer state, task files; then the completion marker."""
     from dataclasses import asdict
 
-    from speech_ssl.models import save_model
+    from speech_ssl.models import Wav2Vec2ForCTC, Wav2Vec2ForPreTraining, Wav2Vec2Model, save_model
 
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, directory)
+    if isinstance(model, (Wav2Vec2ForPreTraining, Wav2Vec2ForCTC, Wav2Vec2Model)):
+        save_model(model, directory)  # loadable by speech_ssl.models.load
+    else:  # any other module the loop trains: its weights, no architecture
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(directory / "model.safetensors"))
     save_nested(directory / "optimizer.safetensors", optimizer.state_dict())
     (directory / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
     for name, content in (extra_files or {}).items():

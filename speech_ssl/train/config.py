@@ -36,6 +36,7 @@ class TrainerConfig:
 
     num_workers: Ray Train workers (0 runs the loop in this process, without Ray Train).
     cpus_per_worker: fractional values keep CPUs free for Ray Data on small machines.
+    placement_strategy: how Ray places the workers on nodes (PACK fills a node first; SPREAD uses many).
     precision: auto (bf16 on GPUs that support it, else fp16 with a grad scaler; fp32 on CPU) |
         fp32 | bf16 | fp16.
     update_freq: batches accumulated per optimizer update on each worker.
@@ -50,6 +51,7 @@ class TrainerConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    placement_strategy: str = field(default="PACK", metadata={"choices": ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]})
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "fp16"]})
     max_updates: int = 1000
     update_freq: int = 1

@@ -36,12 +36,17 @@ def _worker_main(config: dict[str, Any]) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    from speech_ssl.runtime import quiet_ray_loggers
+
+    quiet_ray_loggers()
     cfg: TrainerConfig = config["trainer"]
     threads = config.get("threads")
     if threads:
         torch.set_num_threads(threads)
     ctx = RayTrainContext(config["storage_root"])
-    train(config["task"], cfg, ctx, Path(config["output_dir"]))
+    summary = train(config["task"], cfg, ctx, Path(config["output_dir"]))
+    if ctx.rank == 0:  # what only the workers know (resumes, nodes), for the driver's summary
+        (Path(config["output_dir"]) / ".worker_summary.json").write_text(json.dumps(summary, default=str))
 
 
 def _threads_per_worker(cfg: TrainerConfig) -> int:
@@ -65,7 +70,7 @@ def run_training(task: Task, cfg: TrainerConfig, output_dir: str | Path) -> dict
 
 def _fit_on_ray(task: Task, cfg: TrainerConfig, output_dir: Path, root: str) -> dict[str, Any]:
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = {"CPU": cfg.cpus_per_worker}
@@ -77,13 +82,16 @@ def _fit_on_ray(task: Task, cfg: TrainerConfig, output_dir: Path, root: str) -> 
         train_loop_config={"task": task, "trainer": cfg, "storage_root": root, "output_dir": str(output_dir),
                            "threads": _threads_per_worker(cfg)},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             name=output_dir.name,
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # Retention (last K plus the best) is ours: see speech_ssl.train.checkpoint.prune.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            # Ray Train logs every report (with all metrics) at INFO; our own lines say what matters.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     try:
@@ -95,6 +103,9 @@ def _fit_on_ray(task: Task, cfg: TrainerConfig, output_dir: Path, root: str) -> 
         raise SpeechSSLError(f"training failed after {cfg.max_failures} automatic restarts: {cause}") from err
     summary = _summary_from_storage(root)
     summary["ray_result_path"] = str(result.path)
+    summary_file = output_dir / ".worker_summary.json"
+    if summary_file.exists():
+        summary.update({k: v for k, v in json.loads(summary_file.read_text()).items() if k not in summary})
     return summary
 
 

@@ -164,6 +164,7 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
             position = {"epoch": old["epoch"] + 1, "position": 0}
             torch.manual_seed(cfg.seed * 7919 + ctx.rank + state.updates)
         state.world_size = ctx.world_size
+        state.resumes += 1
         if is_main:
             log.info("resumed from %s at update %d", resume_dir, state.updates)
     else:
@@ -175,6 +176,8 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
     params = [p for p in model.parameters()]
 
     logger = MetricsLogger(output_dir, cfg.max_updates, task.progress_keys) if is_main else None
+    if logger is not None:
+        logger.truncate_after(state.updates)
     monitor = task.collapse_monitor() if is_main else None
     batches = _endless_batches(task, ctx, cfg.seed, position)
     window = _Window()
@@ -302,7 +305,23 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
     if logger is not None:
         logger.close()
     return {"updates": state.updates, "last": last_saved, "best": state.best_name, "metrics": state.metrics,
-            "valid": last_valid, "nonfinite_skipped": state.nonfinite_skipped}
+            "valid": last_valid, "nonfinite_skipped": state.nonfinite_skipped, "resumes": state.resumes,
+            "worker_nodes": _worker_nodes(ctx)}
+
+
+def _worker_nodes(ctx) -> list[str]:
+    """The Ray node of every worker (empty without Ray), to show where a run actually ran."""
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - purely informative
+        node = ""
+    if ctx.distributed and ctx.world_size > 1:
+        nodes: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(nodes, node)
+        return nodes
+    return [node]
 
 
 def _report_ingest(task: Task, ctx, output_dir: Path) -> None:

@@ -45,6 +45,15 @@ class MetricsLogger:
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
 
+    def truncate_after(self, update: int) -> None:
+        """Forget records past ``update`` (a resumed run replays those updates and logs them again)."""
+        records = read_metrics(self.path)
+        kept = [r for r in records if r.get("update", 0) <= update]
+        if len(kept) != len(records):
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)
+
     def write(self, split: str, update: int, metrics: dict[str, float]) -> None:
         record = {"split": split, "update": update, "time": round(time.time(), 3), **metrics}
         with open(self.path, "a") as f:
@@ -57,7 +66,8 @@ class MetricsLogger:
         if self.start_update is None:
             self.start_update = update
         line = [f"[{split}] update {update}/{self.max_updates}"]
-        line += [_fmt(k, metrics[k]) for k in self.progress_keys if k in metrics]
+        keys = self.progress_keys if split == "train" else sorted(metrics)
+        line += [_fmt(k, metrics[k]) for k in keys if k in metrics]
         if split == "train" and update > self.start_update:
             rate = (time.monotonic() - self.started) / (update - self.start_update)
             line.append(f"eta {_duration(rate * (self.max_updates - update))}")
@@ -122,12 +132,14 @@ def plot_curves(metrics_path: Path, out_path: Path, panels: Sequence[tuple[str, 
 
 
 class CollapseMonitor:
-    """Warns when pretraining looks collapsed: code perplexity stuck near 1, or the contrastive loss at
+    """Warns when pretraining looks collapsed: code perplexity stuck near 1 per group, or the contrastive loss at
     chance level (ln(K+1) nats per masked frame) long after warmup. Each alarm is raised once per
     episode and cleared when the metric recovers."""
 
-    def __init__(self, num_negatives: int, after_updates: int, patience: int = 3):
+    def __init__(self, num_negatives: int, after_updates: int, patience: int = 3, groups: int = 1):
         self.chance = math.log(num_negatives + 1)
+        # Code perplexity is summed over the G codebook groups: G means one entry used per group.
+        self.collapsed_below = 1.5 * groups
         self.after = after_updates
         self.patience = patience
         self.low_perplexity = 0
@@ -138,7 +150,7 @@ class CollapseMonitor:
         alarms = []
         ppl = metrics.get("code_perplexity")
         if ppl is not None:
-            self.low_perplexity = self.low_perplexity + 1 if ppl < 2.0 else 0
+            self.low_perplexity = self.low_perplexity + 1 if ppl < self.collapsed_below else 0
             if self.low_perplexity >= self.patience and "codebook" not in self.raised:
                 alarms.append(f"codebook collapse: code perplexity {ppl:.2f} has stayed near 1 for "
                               f"{self.low_perplexity} log steps (raise diversity_weight, slow the temperature "

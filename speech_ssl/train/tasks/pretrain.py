@@ -81,7 +81,8 @@ class PretrainTask:
         return model.config.layerdrop > 0
 
     def collapse_monitor(self) -> CollapseMonitor:
-        return CollapseMonitor(self.model_config.num_negatives, after_updates=max(1000, 2 * self.warmup_updates))
+        return CollapseMonitor(self.model_config.num_negatives, after_updates=max(1000, 2 * self.warmup_updates),
+                               groups=self.model_config.codebook_groups)
 
     def extra_files(self) -> dict[str, Any]:
         return {}
