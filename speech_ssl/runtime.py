@@ -20,8 +20,9 @@ _QUIET_ENV = {
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "1",
-    # Ray Data's own progress bars fight with ours on one terminal; our stages print their own.
+    # Ray Data's own progress bars and per-dataset INFO lines fight with ours; our stages print their own.
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_DATA_LOG_LEVEL": "WARNING",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
 }
 

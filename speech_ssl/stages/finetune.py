@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from speech_ssl.config import ConfigError
 from speech_ssl.data.config import DataConfig
 from speech_ssl.runtime import RayConfig
-from speech_ssl.stages.common import StageNotBuilt, model_field, model_overrides_field
+from speech_ssl.stages.common import model_field, model_overrides_field
 from speech_ssl.train.config import OptimConfig, TrainerConfig
+from speech_ssl.train.tasks.ctc import CTCConfig
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -17,25 +24,6 @@ class FinetuneDataConfig(DataConfig):
 
     train: str
     valid: str
-
-
-@dataclass
-class CTCConfig:
-    """The fairseq fine-tuning recipe's model-side behaviour.
-
-    freeze_feature_encoder: keep the conv front end frozen throughout.
-    freeze_updates: train only the CTC head for this many updates, then the whole encoder.
-    mask_*: time and channel masking applied during fine-tuning (spans of frames / channels).
-    """
-
-    freeze_feature_encoder: bool = True
-    freeze_updates: int = 0
-    mask_prob: float = 0.65
-    mask_length: int = 10
-    mask_channel_prob: float = 0.25
-    mask_channel_length: int = 64
-    layerdrop: float = 0.1
-    final_dropout: float = 0.0
 
 
 def _finetune_trainer() -> TrainerConfig:
@@ -56,5 +44,39 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def run(cfg: Config) -> None:
-    raise StageNotBuilt("finetune")
+def run(cfg: Config) -> dict:
+    """Fine-tune; resumes when ``output_dir`` already holds checkpoints. Returns the training summary."""
+    from speech_ssl.data import TextNormalizer, Vocabulary, read_source
+    from speech_ssl.runtime import ray_session
+    from speech_ssl.stages.common import resolve_model_config, save_resolved_config
+    from speech_ssl.train import checkpoint as ckpt
+    from speech_ssl.train.launch import run_training, storage_root
+    from speech_ssl.train.tasks.ctc import CTCTask
+
+    if cfg.init == "none":
+        resolve_model_config(cfg.model, cfg.model_overrides)  # fail fast on a bad model_overrides key
+    elif not Path(cfg.init).exists() and "://" not in cfg.init:
+        raise ConfigError("init", f"no checkpoint at '{cfg.init}' (give a checkpoint directory, a transformers "
+                                  "model directory, a fairseq .pt file, or none to train from scratch).")
+    output_dir = Path(cfg.output_dir).resolve()
+    save_resolved_config(output_dir, "finetune", cfg)
+    with ray_session(cfg.ray):
+        train = read_source(cfg.data.train)
+        valid = read_source(cfg.data.valid)
+        normalizer = TextNormalizer(cfg.data.text)
+        previous = ckpt.latest_complete(storage_root(output_dir, cfg.trainer))
+        if previous is not None and "://" not in previous:
+            # A resumed run keeps the vocabulary its head was built with.
+            vocab = Vocabulary.load(previous, unknown=cfg.data.text.unknown)
+        else:
+            vocab = Vocabulary.build([u.text for u in train], normalizer)
+        log.info("fine-tuning %s on %d utterances (%.2f h), %d-token vocabulary, validating on %d",
+                 cfg.init if cfg.init != "none" else f"{cfg.model} from scratch", len(train),
+                 sum(u.duration for u in train) / 3600, len(vocab), len(valid))
+        task = CTCTask(init=cfg.init, model=cfg.model, model_overrides=dict(cfg.model_overrides), data=cfg.data,
+                       train=train, valid=valid, vocab=vocab, ctc=cfg.ctc)
+        summary = run_training(task, cfg.trainer, output_dir)
+    log.info("fine-tuning done after %d updates: best %s (%s), last %s", summary["updates"], summary["best"],
+             ", ".join(f"{k} {v:.4f}" for k, v in summary.get("metrics", {}).items() if k in ("valid_wer", "valid_cer")),
+             summary["last"])
+    return summary

@@ -1,0 +1,1 @@
+"""Speech recognition on top of CTC models: decoding (greedy, lexicon beam search) and WER/CER."""

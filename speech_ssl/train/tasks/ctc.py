@@ -1,0 +1,198 @@
+"""CTC fine-tuning (or training from scratch) on labeled audio, scored by WER/CER on a validation set.
+
+The fairseq recipe's behaviours live here: the conv front end frozen throughout, the whole encoder
+frozen for the first ``freeze_updates`` (only the head trains), time and channel masking, LayerDrop,
+CTC with zero_infinity, the loss normalised by the number of utterances (fairseq's sentence_avg).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from speech_ssl.asr.decoding import greedy_decode
+from speech_ssl.asr.scoring import error_counts, rates
+from speech_ssl.data import BatchStream, DataConfig, TextNormalizer, Utterance, Vocabulary
+from speech_ssl.train.task import StepOutput
+from speech_ssl.train.tasks.pretrain import feature_spec_for, use_ray_data
+
+
+@dataclass
+class CTCConfig:
+    """The fairseq fine-tuning recipe's model-side behaviour.
+
+    freeze_feature_encoder: keep the conv front end frozen throughout.
+    freeze_updates: train only the CTC head for this many updates, then the whole encoder.
+    mask_*: time and channel masking applied during fine-tuning (spans of frames / channels).
+    layerdrop / final_dropout: regularisation of the Transformer layers and before the head.
+    """
+
+    freeze_feature_encoder: bool = True
+    freeze_updates: int = 0
+    mask_prob: float = 0.65
+    mask_length: int = 10
+    mask_channel_prob: float = 0.25
+    mask_channel_length: int = 64
+    layerdrop: float = 0.1
+    final_dropout: float = 0.0
+
+    def model_overrides(self) -> dict[str, Any]:
+        return {"mask_prob": self.mask_prob, "mask_length": self.mask_length,
+                "mask_channel_prob": self.mask_channel_prob, "mask_channel_length": self.mask_channel_length,
+                "layerdrop": self.layerdrop, "final_dropout": self.final_dropout}
+
+
+def input_units(model_config: Any, seconds: float) -> int:
+    """Length of ``seconds`` of audio in the model's input units (samples, or 10 ms fbank frames)."""
+    samples = int(round(seconds * model_config.sample_rate))
+    if model_config.frontend == "fbank":  # kaldi fbank, 25 ms window, 10 ms hop, snip_edges
+        window, hop = model_config.sample_rate * 25 // 1000, model_config.sample_rate // 100
+        return max(0, 1 + (samples - window) // hop)
+    return samples
+
+
+def ctc_frames_needed(target: list[int]) -> int:
+    """CTC needs a frame per label plus a blank between each pair of repeated labels."""
+    return len(target) + sum(1 for a, b in zip(target, target[1:]) if a == b)
+
+
+@dataclass
+class CTCTask:
+    """Fine-tune ``init`` (a checkpoint path, or ``"none"`` for ``model`` from scratch) with CTC."""
+
+    init: str
+    model: str
+    data: DataConfig
+    train: list[Utterance]
+    valid: Optional[list[Utterance]]
+    vocab: Vocabulary
+    ctc: CTCConfig = field(default_factory=CTCConfig)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    name = "finetune"
+    best_metric = "valid_wer"
+    best_mode = "min"
+    progress_keys = ("loss", "lr", "grad_norm", "audio_seconds_per_second", "data_wait_fraction")
+    mean_keys = ()
+    plot_panels = (
+        ("CTC loss (per utterance)", ("loss", "valid_loss")),
+        ("error rates", ("valid_wer", "valid_cer")),
+        ("learning rate", ("lr",)),
+        ("audio s / s / worker", ("audio_seconds_per_second",)),
+    )
+
+    def __post_init__(self):
+        self.normalizer = TextNormalizer(self.data.text)
+        self._streams: dict[str, BatchStream] = {}
+        self._model = None
+
+    # -- model ---------------------------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        from speech_ssl.models import Wav2Vec2ForCTC, build_ctc, load
+
+        overrides = {**self.ctc.model_overrides(), **self.model_overrides}
+        if self.init == "none":
+            model = build_ctc(self.model, len(self.vocab), **overrides)
+        else:
+            source = load(self.init)
+            encoder = getattr(source, "encoder", source)
+            model = Wav2Vec2ForCTC.from_pretrained_encoder(encoder, len(self.vocab), **overrides)
+        if self.ctc.freeze_feature_encoder:
+            model.freeze_feature_encoder()
+        self._model = model
+        return model
+
+    def on_update(self, model: torch.nn.Module, updates: int) -> None:
+        model.freeze_encoder(updates < self.ctc.freeze_updates)
+
+    def find_unused_parameters(self, model: torch.nn.Module) -> bool:
+        return model.config.layerdrop > 0
+
+    def collapse_monitor(self):
+        return None
+
+    def extra_files(self) -> dict[str, Any]:
+        return {"vocab.json": self.vocab.index, "text_config.json": dataclasses.asdict(self.data.text),
+                "lexicon_words.json": sorted(self._training_words())}
+
+    def _training_words(self) -> set[str]:
+        words: set[str] = set()
+        for utt in self.train:
+            if utt.text:
+                words.update(self.normalizer(utt.text).split())
+        return words
+
+    # -- data ----------------------------------------------------------------------------------------
+    def _usable(self, utterances: list[Utterance]) -> tuple[list[Utterance], list[tuple[Utterance, str, str]]]:
+        """Drop empty transcripts and utterances too short for their transcript under CTC."""
+        config = self._model.config
+        encoder = self._model.encoder
+        keep, dropped = [], []
+        for utt in utterances:
+            text = self.normalizer(utt.text or "")
+            if not text.strip():
+                dropped.append((utt, "empty-transcript", "no characters left after normalisation"))
+                continue
+            units = input_units(config, utt.duration)
+            frames = int(encoder.output_lengths(torch.tensor([units]))[0]) if units > 0 else 0
+            needed = ctc_frames_needed(self.vocab.encode(text))
+            if frames < needed:
+                dropped.append((utt, "too-short-for-transcript",
+                                f"{frames} output frames < {needed} needed by CTC for {len(text)} characters"))
+                continue
+            keep.append(utt)
+        return keep, dropped
+
+    def _stream(self, split: str, utterances: list[Utterance], rank: int, world_size: int, seed: int) -> BatchStream:
+        if split not in self._streams:
+            keep, dropped = self._usable(utterances)
+            spec = feature_spec_for(self._model.config, self.data.sample_rate)
+            stream = BatchStream(keep, self.data, spec, mode="pad", rank=rank, world_size=world_size, seed=seed,
+                                 use_ray=use_ray_data(), vocab=self.vocab, normalizer=self.normalizer)
+            if rank == 0:  # counted once, like the stream's own filtered rows
+                for utt, reason, detail in dropped:
+                    stream.report.add_filtered(utt.path, reason, detail, utt.id)
+            self._streams[split] = stream
+        return self._streams[split]
+
+    def train_batches(self, rank: int, world_size: int, seed: int) -> BatchStream:
+        return self._stream("train", self.train, rank, world_size, seed)
+
+    def valid_batches(self, rank: int, world_size: int, seed: int) -> Optional[BatchStream]:
+        return self._stream("valid", self.valid, rank, world_size, seed) if self.valid else None
+
+    def ingest_reports(self):
+        return {split: stream.report for split, stream in self._streams.items()}
+
+    # -- loss and scoring ----------------------------------------------------------------------------
+    @staticmethod
+    def _forward(model, batch, device):
+        return model(batch.inputs.to(device, non_blocking=True), batch.lengths.to(device, non_blocking=True))
+
+    def step(self, model, batch, device) -> StepOutput:
+        out = self._forward(model, batch, device)
+        loss = out.loss_sum(batch.targets.to(device), batch.target_lengths.to(device))
+        return StepOutput(loss, float(len(batch)), {"utterances": float(len(batch))}, batch.audio_seconds)
+
+    def summarize(self, sums: dict[str, float], sample_size: float) -> dict[str, float]:
+        return dict(sums)
+
+    def valid_keys(self):
+        return ("loss_sum", "utterances", "word_errors", "words", "char_errors", "chars")
+
+    def valid_step(self, model, batch, device) -> dict[str, float]:
+        out = self._forward(model, batch, device)
+        loss = out.loss_sum(batch.targets.to(device), batch.target_lengths.to(device))
+        hyps = [self.vocab.decode(ids) for ids in greedy_decode(out.logits, out.lengths)]
+        counts = error_counts([t or "" for t in batch.texts], hyps)
+        return {"loss_sum": float(loss), "utterances": float(len(batch)), **{k: counts[k] for k in self.valid_keys()
+                                                                          if k in counts and k != "utterances"}}
+
+    def summarize_valid(self, sums: dict[str, float]) -> dict[str, float]:
+        if sums.get("utterances", 0.0) <= 0:
+            return {}
+        r = rates(sums)
+        return {"valid_loss": sums["loss_sum"] / sums["utterances"], "valid_wer": r["wer"], "valid_cer": r["cer"]}
