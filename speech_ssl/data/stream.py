@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -211,10 +211,8 @@ class BatchStream:
         jobs = []
         for position in range(start, len(indices)):
             index = indices[position]
-            rows = [asdict(self.rows[i]) for i in plan[index]]
-            for r in rows:
-                r.pop("duration", None)
-                r.pop("speaker", None)
+            rows = [{"id": r.id, "path": r.path, "source_path": r.source_path, "start": r.start, "end": r.end,
+                     "text": r.text} for r in (self.rows[i] for i in plan[index])]
             jobs.append({"epoch": epoch, "position": position, "index": index, "rows": rows})
         return jobs
 

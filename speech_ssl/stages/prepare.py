@@ -21,12 +21,14 @@ from speech_ssl.runtime import RayConfig
 
 @dataclass
 class Config:
-    """input: a directory, a JSONL or fairseq TSV manifest, or a list of paths.
+    """
+    input: a directory, a JSONL or fairseq TSV manifest, or a list of paths.
     output: the JSONL manifest to write (paths relative to its folder where possible).
     quarantine: the quarantine report (default: <output>.quarantine.jsonl beside the output).
     decode: decode every file fully (finds NaN/inf samples and damaged compressed streams; slower).
     ray_threshold: inputs with more files than this are probed by Ray Data tasks, fewer by threads here.
-    tsv_sample_rate: rate of the num_samples column of a fairseq TSV input."""
+    tsv_sample_rate: rate of the num_samples column of a fairseq TSV input.
+    """
 
     input: str
     output: str
