@@ -98,3 +98,20 @@ def test_model_override_keys_are_checked(capsys):
     with pytest.raises(ConfigError) as info:
         check_overrides("pretrain", ["model_overrides.not_a_model_field=1"])
     assert "not_a_model_field" in info.value.paragraph()
+
+
+def _recipes():
+    from speech_ssl.cli.hydra_app import CONF_DIR
+
+    return sorted((p.parent.parent.name, p.stem) for p in CONF_DIR.glob("*/recipe/*.yaml"))
+
+
+@pytest.mark.parametrize("name, recipe", _recipes())
+def test_every_recipe_builds_its_dataclass(name, recipe):
+    cfg = compose_config(name, [*REQUIRED[name], f"recipe={recipe}"])
+    typed = build_config(name, cfg)
+    assert isinstance(typed, COMMANDS[name].load().Config)
+    if hasattr(typed, "model"):
+        from speech_ssl.stages.common import resolve_model_config
+
+        resolve_model_config(typed.model, getattr(typed, "model_overrides", {}))

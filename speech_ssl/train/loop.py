@@ -100,8 +100,10 @@ class _Window:
         self.updates = 0
         self.audio_seconds = 0.0
         self.data_wait = 0.0
-        self.compute = 0.0
+        self.forward = 0.0
+        self.backward = 0.0
         self.sync = 0.0
+        self.optimizer = 0.0
         self.grad_norm = 0.0
         self.started = time.monotonic()
 
@@ -111,10 +113,16 @@ class _Window:
         out.update({k: sum(v) / len(v) for k, v in self.means.items() if v})
         out["grad_norm"] = self.grad_norm / max(1, self.updates)
         out["audio_seconds_per_second"] = self.audio_seconds / wall
+        n = max(1, self.updates)
         out["data_wait_fraction"] = self.data_wait / wall
-        out["compute_fraction"] = self.compute / wall
-        out["sync_fraction"] = self.sync / wall
-        out["seconds_per_update"] = wall / max(1, self.updates)
+        out["seconds_per_update"] = wall / n
+        # Where an update's time goes (seconds per update): waiting for data, forward, backward (with DDP's
+        # overlapped gradient all-reduce), the statistics all-reduce, and the optimizer step.
+        out["data_wait_s"] = self.data_wait / n
+        out["forward_s"] = self.forward / n
+        out["backward_s"] = self.backward / n
+        out["sync_s"] = self.sync / n
+        out["optimizer_s"] = self.optimizer / n
         return out
 
 
@@ -206,8 +214,11 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
                 if not torch.isfinite(loss):
                     nonfinite_loss = 1.0
                     loss = loss.nan_to_num(0.0, 0.0, 0.0)  # still run backward: DDP needs every worker
+                t_fwd = time.monotonic()
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-            window.compute += time.monotonic() - t1
+            t_bwd = time.monotonic()
+            window.forward += t_fwd - t1
+            window.backward += t_bwd - t_fwd  # includes DDP's gradient all-reduce on the last micro-batch
             sample_size += float(out.sample_size)
             loss_total += float(loss.detach())
             audio += out.audio_seconds
@@ -253,12 +264,14 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
                     "Lower the learning rate, enable clipping (trainer.optim.clip_norm) or use fp32/bf16.")
             continue
         consecutive_nonfinite = 0
+        t3 = time.monotonic()
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
         scheduler.step()
+        window.optimizer += time.monotonic() - t3
         state.updates += 1
         task.on_update(model, state.updates)
         if _trainable(model) != trainable:  # e.g. the encoder unfreezes: DDP must see the new set
