@@ -34,8 +34,14 @@ def _worker_main(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     import torch
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    # Our lines only: Ray's loggers propagate to the root logger, so a root handler would repeat them.
+    ours = logging.getLogger("speech_ssl")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
     from speech_ssl.runtime import quiet_ray_loggers
 
     quiet_ray_loggers()
