@@ -212,3 +212,53 @@ def test_randomness_comes_from_torch_rng_state():
     assert float(first.loss_sum) == float(again.loss_sum)
     assert torch.equal(first.mask_time, again.mask_time)
     assert float(first.loss_sum) != float(second.loss_sum)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fast paths agree with the plain ones
+# ---------------------------------------------------------------------------------------------------
+
+def test_cpu_dropout_keeps_the_right_fraction_and_scales():
+    from speech_ssl.models.dropout import dropout
+
+    torch.manual_seed(12)
+    x = torch.ones(400_000)
+    y = dropout(x, 0.1, True)
+    kept = y > 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    assert torch.equal(dropout(x, 0.1, False), x)
+
+
+def test_training_attention_path_matches_sdpa():
+    """With a vanishing dropout probability the spelled-out training path equals SDPA (eval path)."""
+    from speech_ssl.models.transformer import SelfAttention
+
+    torch.manual_seed(13)
+    attention = SelfAttention(64, 4, dropout=1e-9)
+    x = torch.randn(2, 30, 64)
+    mask = torch.ones(2, 1, 1, 30, dtype=torch.bool)
+    mask[1, ..., 20:] = False
+    reference = attention.eval()(x, mask)
+    spelled = attention.train()(x, mask)
+    assert (reference - spelled).abs().max() < 1e-5
+
+
+def test_channels_last_convolution_matches_conv1d():
+    from speech_ssl.models.frontend import ChannelNormOverTime, StridedConv
+
+    torch.manual_seed(14)
+    for channels, kernel, stride in ((1, 10, 5), (16, 3, 2), (16, 2, 2), (8, 3, 1)):
+        x = torch.randn(2, 57, channels, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(12, channels, kernel, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(12, dtype=torch.float64, requires_grad=True)
+        ours = StridedConv.apply(x, w, b, stride)
+        ref = torch.nn.functional.conv1d(x.transpose(1, 2), w, b, stride=stride).transpose(1, 2)
+        assert (ours - ref).abs().max() < 1e-10
+        assert torch.autograd.gradcheck(lambda x, w, b: StridedConv.apply(x, w, b, stride), (x, w, b))
+    x = torch.randn(2, 40, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    group_norm = torch.nn.functional.group_norm(x.transpose(1, 2), 6, w, b).transpose(1, 2)
+    assert (ChannelNormOverTime.apply(x, w, b, 1e-5) - group_norm).abs().max() < 1e-10
+    assert torch.autograd.gradcheck(lambda x, w, b: ChannelNormOverTime.apply(x, w, b, 1e-5), (x, w, b))

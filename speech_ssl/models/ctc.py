@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speech_ssl.models.config import ModelConfig
+from speech_ssl.models.dropout import Dropout
 from speech_ssl.models.wav2vec2 import Wav2Vec2Model
 
 BLANK = 0
@@ -47,7 +48,7 @@ class Wav2Vec2ForCTC(nn.Module):
         self.config = cfg
         self.vocab_size = vocab_size
         self.encoder = Wav2Vec2Model(cfg)
-        self.final_dropout = nn.Dropout(cfg.final_dropout)
+        self.final_dropout = Dropout(cfg.final_dropout)
         self.ctc_head = nn.Linear(cfg.embed_dim, vocab_size)
         nn.init.xavier_uniform_(self.ctc_head.weight)  # fairseq's Linear()
         nn.init.zeros_(self.ctc_head.bias)

@@ -11,6 +11,11 @@ block conv -> norm -> GELU. Two norm modes, as in fairseq:
 
 The filterbank front end is the same stack fed ``n_mels`` channels (log-mel frames at 10 ms) instead
 of one waveform channel; with kernels (3,3) and strides (1,2) it outputs 20 ms frames.
+
+Layout: activations stay channels-last ([B, T, C]) through the whole stack. On the CPU each strided
+convolution runs as a few large matrix products over strided views of its input (``strided_conv``),
+forward and backward, which is about twice as fast as oneDNN's conv1d backward for these shapes. On
+other devices it is ``F.conv1d``. The weights keep the usual Conv1d layout [C_out, C_in, k].
 """
 
 from __future__ import annotations
@@ -45,15 +50,126 @@ def conv_output_lengths(lengths: Tensor, kernels: list[int], strides: list[int])
     return lengths
 
 
+def _chunks(kernel: int, stride: int, channels: int) -> list[tuple[int, int]]:
+    """Split the taps into runs of ``stride`` taps: (offset in the input, width) in flattened [T*C] units.
+
+    Output frame t reads input rows stride*t .. stride*t + kernel - 1. In the flattened input, taps
+    c*stride .. c*stride + stride - 1 of frame t are one contiguous run starting at (stride*t + c*stride)*C,
+    so with a row stride of stride*C every run is a plain strided matrix: one GEMM per run.
+    """
+    return [(c * stride * channels, (min(kernel, (c + 1) * stride) - c * stride) * channels)
+            for c in range((kernel + stride - 1) // stride)]
+
+
+def _run_view(x: Tensor, frames: int, stride: int, offset: int, width: int) -> Tensor:
+    """[B, frames, width] view of channels-last ``x`` [B, T, C]: row t = x.flat[b, stride*t*C + offset:][:width]."""
+    batch, time, channels = x.shape
+    return x.as_strided((batch, frames, width), (time * channels, stride * channels, 1),
+                        x.storage_offset() + offset)
+
+
+class StridedConv(torch.autograd.Function):
+    """conv1d (no padding) over channels-last x [B, T, C_in]; weight [C_out, C_in, k] -> [B, T', C_out]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        batch, time, channels = x.shape
+        out_channels, _, kernel = weight.shape
+        frames = (time - kernel) // stride + 1
+        w = weight.permute(2, 1, 0).reshape(kernel * channels, out_channels)  # rows: (tap, channel)
+        y = None
+        for offset, width in _chunks(kernel, stride, channels):
+            a = _run_view(x, frames, stride, offset, width)
+            wk = w[offset:offset + width].expand(batch, width, out_channels)
+            y = torch.bmm(a, wk) if y is None else y.baddbmm_(a, wk)
+        if bias is not None:
+            y.add_(bias)
+        ctx.save_for_backward(x, weight)
+        ctx.stride = stride
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        stride = ctx.stride
+        grad = grad.contiguous()
+        batch, time, channels = x.shape
+        out_channels, _, kernel = weight.shape
+        frames = grad.shape[1]
+        w = weight.permute(2, 1, 0).reshape(kernel * channels, out_channels)
+        grad_w = weight.new_empty(kernel * channels, out_channels)
+        grad_x = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
+        for offset, width in _chunks(kernel, stride, channels):
+            a = _run_view(x, frames, stride, offset, width)
+            # dW = sum over batch and frames of a^T @ grad
+            grad_w[offset:offset + width] = torch.bmm(a.transpose(1, 2), grad).sum(0)
+            if grad_x is not None:
+                # dx rows of this run: a strided view whose rows do not overlap (width <= stride*C)
+                _run_view(grad_x, frames, stride, offset, width).add_(
+                    torch.bmm(grad, w[offset:offset + width].t().expand(batch, out_channels, width)))
+        grad_weight = grad_w.view(kernel, weight.shape[1], out_channels).permute(2, 1, 0)
+        grad_bias = grad.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None
+
+
+def conv1d_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
+    """[B, T, C_in] -> [B, T', C_out], no padding."""
+    if x.device.type == "cpu":
+        return StridedConv.apply(x, weight, bias, stride)
+    return F.conv1d(x.transpose(1, 2), weight, bias, stride=stride).transpose(1, 2)
+
+
+class ChannelNormOverTime(torch.autograd.Function):
+    """GroupNorm with one group per channel (each channel normalised over time), channels-last.
+
+    x [B, T, C] -> (x - mean_t) / sqrt(var_t + eps) * weight + bias. Written out because GroupNorm on a
+    channels-last view is slow (a layout copy, or a slow kernel); here forward and backward are a few
+    vectorised passes with per-(utterance, channel) coefficients.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        # Statistics from two fast reductions (var_mean over a non-inner axis is several times slower);
+        # accumulated in fp32 at least, E[x^2] - E[x]^2 is accurate for the near-zero-mean conv outputs.
+        stats_x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        mean = stats_x.mean(dim=1, keepdim=True)  # [B, 1, C]
+        var = (stats_x * stats_x).mean(dim=1, keepdim=True) - mean * mean
+        rstd = torch.rsqrt(var.clamp(min=0) + eps)
+        mean, rstd = mean.to(x.dtype), rstd.to(x.dtype)
+        scale = rstd * weight
+        y = torch.addcmul(bias - mean * scale, x, scale)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, weight, mean, rstd = ctx.saved_tensors
+        time = x.shape[1]
+        sum_g = grad.sum(dim=1, keepdim=True)  # [B, 1, C]
+        sum_gx = (grad * x).sum(dim=1, keepdim=True)
+        sum_gxhat = rstd * (sum_gx - mean * sum_g)  # sum_t grad * xhat
+        grad_weight = sum_gxhat.sum(dim=(0, 1))
+        grad_bias = sum_g.sum(dim=(0, 1))
+        # dx = rstd * w * (g - mean_t(g) - xhat * mean_t(g * xhat)), as a * g + c * x + d per (b, c)
+        a = rstd * weight
+        c = -a * rstd * sum_gxhat / time
+        d = -a * sum_g / time - c * mean
+        grad_x = torch.addcmul(torch.addcmul(d, x, c), grad, a)
+        return grad_x, grad_weight, grad_bias, None
+
+
 class ConvBlock(nn.Module):
     """One front-end block: Conv1d -> (GroupNorm | LayerNorm over channels | nothing) -> GELU.
 
-    [B, C_in, T] -> [B, C_out, T'] with T' = floor((T - kernel) / stride) + 1.
+    Channels-last [B, T, C_in] -> [B, T', C_out] with T' = floor((T - kernel) / stride) + 1.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, bias: bool,
                  norm: Optional[str], eps: float = 1e-5):
         super().__init__()
+        self.stride = stride
         self.conv = nn.Conv1d(in_channels, out_channels, kernel, stride=stride, bias=bias)
         self.norm_kind = norm
         if norm == "group":
@@ -65,16 +181,16 @@ class ConvBlock(nn.Module):
         nn.init.kaiming_normal_(self.conv.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
+        x = conv1d_channels_last(x, self.conv.weight, self.conv.bias, self.stride)
         if self.norm_kind == "group":
-            x = self.norm(x)
+            x = ChannelNormOverTime.apply(x, self.norm.weight, self.norm.bias, self.norm.eps)
         elif self.norm_kind == "layer":
-            x = self.norm(x.transpose(1, 2)).transpose(1, 2)
+            x = self.norm(x)
         return F.gelu(x)
 
 
 class ConvFeatureEncoder(nn.Module):
-    """The conv stack. Waveform [B, S] (or fbank [B, frames, n_mels]) -> features [B, T', C], lengths.
+    """The conv stack. Waveform [B, S] (or fbank [B, frames, n_mels]) -> features [B, T', C].
 
     Gradients flowing back into the stack are scaled by ``feature_grad_scale`` (0.1 for BASE), which
     fairseq found stabilises training of the front end.
@@ -102,15 +218,16 @@ class ConvFeatureEncoder(nn.Module):
             if inputs.dim() != 2:
                 raise ValueError(f"the conv front end takes a waveform batch [B, samples]; got shape "
                                  f"{tuple(inputs.shape)}")
-            x = inputs.unsqueeze(1)
+            x = inputs.unsqueeze(-1)  # [B, S, 1]
         else:
             if inputs.dim() != 3:
                 raise ValueError(f"the fbank front end takes features [B, frames, n_mels]; got shape "
                                  f"{tuple(inputs.shape)}")
-            x = inputs.transpose(1, 2)
+            x = inputs
+        if int(self.output_lengths(torch.tensor(x.shape[1]))) < 1:
+            raise ValueError(f"input of {x.shape[1]} steps is shorter than the front end's receptive field")
         for layer in self.layers:
             x = layer(x)
-        x = x.transpose(1, 2)  # [B, T', C]
         if self.grad_scale != 1.0 and x.requires_grad:
             x = GradScale.apply(x, self.grad_scale)
         return x

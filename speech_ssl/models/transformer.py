@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speech_ssl.models.config import ModelConfig
+from speech_ssl.models.dropout import Dropout, dropout
 
 
 class ConvPositionalEmbedding(nn.Module):
@@ -50,7 +51,13 @@ class ConvPositionalEmbedding(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention. [B, T, D] -> [B, T, D]; q, k, v from one fused projection."""
+    """Multi-head self-attention. [B, T, D] -> [B, T, D]; q, k, v from one fused projection.
+
+    Without attention dropout (eval, or p = 0) this is ``scaled_dot_product_attention``. With it, the
+    same arithmetic is spelled out (scores, softmax, dropout, weighted sum): torch's SDPA falls back to
+    that path anyway when dropout is on, and spelling it out lets the probabilities use our cheaper
+    dropout and the heads be laid out with one copy.
+    """
 
     def __init__(self, dim: int, num_heads: int, dropout: float):
         super().__init__()
@@ -61,10 +68,19 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         batch, time, dim = x.shape
-        qkv = self.qkv_proj(x).view(batch, time, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, head_dim]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        qkv = self.qkv_proj(x).view(batch, time, 3, heads, head_dim)
+        if not (self.training and self.dropout > 0):
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, head_dim]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, batch * heads, time, head_dim).unbind(0)
+        scores = torch.bmm(q * head_dim ** -0.5, k.transpose(1, 2))  # [B*H, T, T]
+        if attn_mask is not None:
+            scores = scores.view(batch, heads, time, time).masked_fill(~attn_mask, float("-inf"))
+            scores = scores.view(batch * heads, time, time)
+        probs = dropout(torch.softmax(scores, dim=-1), self.dropout, True)
+        y = torch.bmm(probs, v).view(batch, heads, time, head_dim)
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
 
 
@@ -75,7 +91,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.activation_dropout = Dropout(activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
@@ -96,7 +112,7 @@ class TransformerLayer(nn.Module):
         self.attention_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(dim, cfg.ffn_dim, cfg.activation_dropout)
         self.ffn_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         if self.layer_norm_first:
@@ -128,7 +144,7 @@ class ContextNetwork(nn.Module):
         self.layerdrop = cfg.layerdrop
         self.pos_conv = ConvPositionalEmbedding(cfg.embed_dim, cfg.pos_conv_kernel, cfg.pos_conv_groups)
         self.layer_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
         self.layers.apply(init_bert_params)
 

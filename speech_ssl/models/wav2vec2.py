@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speech_ssl.models.config import ModelConfig
+from speech_ssl.models.dropout import Dropout
 from speech_ssl.models.frontend import ConvFeatureEncoder
 from speech_ssl.models.masking import compute_channel_mask, compute_span_mask, padding_mask_from_lengths
 from speech_ssl.models.quantizer import GumbelQuantizer
@@ -62,7 +63,7 @@ class Wav2Vec2Model(nn.Module):
         self.feature_encoder = ConvFeatureEncoder(cfg)
         self.feature_norm = nn.LayerNorm(cfg.conv_dim, eps=cfg.layer_norm_eps)
         self.feature_projection = nn.Linear(cfg.conv_dim, cfg.embed_dim)
-        self.dropout_input = nn.Dropout(cfg.dropout_input)
+        self.dropout_input = Dropout(cfg.dropout_input)
         self.mask_embedding = nn.Parameter(torch.empty(cfg.embed_dim).uniform_())
         self.context = ContextNetwork(cfg)
 
@@ -180,7 +181,7 @@ class Wav2Vec2ForPreTraining(nn.Module):
         super().__init__()
         self.config = cfg
         self.encoder = Wav2Vec2Model(cfg)
-        self.dropout_features = nn.Dropout(cfg.dropout_features)
+        self.dropout_features = Dropout(cfg.dropout_features)
         self.quantizer = GumbelQuantizer(cfg.conv_dim, cfg.codebook_groups, cfg.codebook_entries, cfg.codebook_dim,
                                          (cfg.temperature_max, cfg.temperature_min, cfg.temperature_decay))
         self.target_projection = nn.Linear(cfg.codebook_dim, cfg.final_dim)  # fairseq project_q
