@@ -248,17 +248,19 @@ def test_channels_last_convolution_matches_conv1d():
     from speech_ssl.models.frontend import ChannelNormOverTime, StridedConv
 
     torch.manual_seed(14)
-    for channels, kernel, stride in ((1, 10, 5), (16, 3, 2), (16, 2, 2), (8, 3, 1)):
-        x = torch.randn(2, 57, channels, dtype=torch.float64, requires_grad=True)
-        w = torch.randn(12, channels, kernel, dtype=torch.float64, requires_grad=True)
-        b = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    for channels, kernel, stride in ((1, 10, 5), (4, 3, 2), (4, 2, 2), (3, 3, 1)):
+        x = torch.randn(2, 23, channels, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(5, channels, kernel, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(5, dtype=torch.float64, requires_grad=True)
         ours = StridedConv.apply(x, w, b, stride)
         ref = torch.nn.functional.conv1d(x.transpose(1, 2), w, b, stride=stride).transpose(1, 2)
         assert (ours - ref).abs().max() < 1e-10
-        assert torch.autograd.gradcheck(lambda x, w, b: StridedConv.apply(x, w, b, stride), (x, w, b))
-    x = torch.randn(2, 40, 6, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, w, b: StridedConv.apply(x, w, b, stride), (x, w, b),
+                                        fast_mode=True)
+    x = torch.randn(2, 17, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
     group_norm = torch.nn.functional.group_norm(x.transpose(1, 2), 6, w, b).transpose(1, 2)
     assert (ChannelNormOverTime.apply(x, w, b, 1e-5) - group_norm).abs().max() < 1e-10
-    assert torch.autograd.gradcheck(lambda x, w, b: ChannelNormOverTime.apply(x, w, b, 1e-5), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: ChannelNormOverTime.apply(x, w, b, 1e-5), (x, w, b),
+                                    fast_mode=True)
