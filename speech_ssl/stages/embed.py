@@ -1,18 +1,39 @@
-"""``speech-ssl embed``: batch-embed a corpus into Parquet shards with a Ray Data actor pool."""
+"""``speech-ssl embed``: batch-embed a corpus into Parquet shards with a Ray Data actor pool.
+
+See :mod:`speech_ssl.embed.pipeline` for the path of data and :mod:`speech_ssl.embed.shards` for the
+table layout. A re-run into the same output embeds only what its finished shards lack.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from speech_ssl.data.config import DataConfig
 from speech_ssl.runtime import RayConfig
-from speech_ssl.stages.common import StageNotBuilt
+
+
+def _embed_data() -> DataConfig:
+    # Batches in length order (no shuffling needed), so neighbouring lengths share a batch.
+    return DataConfig(shuffle=False)
 
 
 @dataclass
 class Config:
-    """layers: transformers' hidden_states numbering (0: the context network's input, i: layer i's output).
-    pooling: none (frame-level [frames, dim]) | mean ([dim])."""
+    """checkpoint: ours, a transformers directory or a fairseq .pt file. input: a directory, manifest or list.
+    output: the folder of Parquet shards (plus _summary.json and _quarantine.jsonl).
+    layers: transformers' hidden_states numbering (0: the context network's input, i: layer i's output;
+        negative from the end, -1 the last). No layer past the deepest requested one is computed.
+    pooling: none (frame-level [frames, dim]) | mean ([dim], over valid frames).
+    dtype: of the stored embeddings. precision: fp32, or bf16/fp16 autocast on GPUs.
+    batching: pad (length-bucketed padded batches; exact for both front-end norm modes) | exact (rows of
+        identical length only, no padding at all).
+    device: auto (GPU actors when the cluster has GPUs) | cpu | cuda.
+    num_actors: model actors (null: one per GPU, or one per node on CPUs). actor_cpus: CPUs each (null: 1
+        with a GPU; on CPUs, the node's CPUs less half a CPU for decoding).
+    shard_seconds: audio per Parquet shard (a crash loses at most the shards in flight).
+    overwrite: delete the output's shards first instead of continuing them.
+    progress_seconds: interval of the progress lines."""
 
     checkpoint: str
     input: str
@@ -20,10 +41,20 @@ class Config:
     layers: list[int] = field(default_factory=lambda: [-1])
     pooling: str = field(default="mean", metadata={"choices": ["none", "mean"]})
     dtype: str = field(default="float32", metadata={"choices": ["float32", "float16"]})
-    num_actors: int = 1
-    data: DataConfig = field(default_factory=DataConfig)
+    precision: str = field(default="fp32", metadata={"choices": ["fp32", "bf16", "fp16"]})
+    batching: str = field(default="pad", metadata={"choices": ["pad", "exact"]})
+    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
+    num_actors: Optional[int] = None
+    actor_cpus: Optional[float] = None
+    shard_seconds: float = 600.0
+    overwrite: bool = False
+    progress_seconds: float = 10.0
+    data: DataConfig = field(default_factory=_embed_data)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def run(cfg: Config) -> None:
-    raise StageNotBuilt("embed")
+def run(cfg: Config) -> dict:
+    """Embed the corpus; returns the summary written to ``<output>/_summary.json``."""
+    from speech_ssl.embed.pipeline import embed_corpus
+
+    return embed_corpus(cfg)

@@ -1,0 +1,180 @@
+"""The embedding batch function and the Parquet shards, without Ray.
+
+* An utterance gets the same embedding (1e-4) alone or in any padded batch, for layer-norm and
+  group-norm front ends (the latter through masked group-norm statistics), and in exact-length batches.
+* Layer numbering and values agree with transformers' ``hidden_states`` (a random transformers model
+  saved with ``save_pretrained`` and loaded through our loader).
+* Mean pooling is the mean of the frame-level embedding over valid frames; float16 output.
+* Shards: the table reads back as [frames, dim]; unfinished temporary files and shards of another
+  configuration are never taken for finished work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from speech_ssl.config import ConfigError
+from speech_ssl.embed import Embedder, resolve_layers
+from speech_ssl.embed import shards as shard_io
+from speech_ssl.errors import SpeechSSLError
+from speech_ssl.models import build
+
+TOL = 1e-4
+GROUP_NORM = dict(conv_norm="group", conv_bias=False, layer_norm_first=False, normalize_waveform=False)
+
+
+def padded(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(w) for w in waves])
+    batch = torch.zeros(len(waves), int(lengths.max()))
+    for i, w in enumerate(waves):
+        batch[i, : len(w)] = w
+    return batch, lengths
+
+
+def waves_of(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [0.3 * torch.randn(n, generator=g) for n in lengths]
+
+
+@pytest.fixture(scope="module", params=["layer", "group"])
+def model(request):
+    torch.manual_seed(0)
+    return request.param, build("tiny", **(GROUP_NORM if request.param == "group" else {}))
+
+
+@pytest.mark.timeout(60)
+def test_same_embedding_alone_or_in_any_batch(model):
+    norm, m = model
+    embedder = Embedder(m, layers=[0, 2, -1], pooling="none")
+    assert embedder.layers == [0, 2, 4]
+    lengths = [8000, 4501, 6173, 2000, 7999]
+    waves = waves_of(lengths)
+    alone = [embedder(w[None])[0] for w in waves]
+    for order in ([0, 1, 2, 3, 4], [3, 1], [4, 2, 0]):
+        batch, lens = padded([waves[i] for i in order])
+        out = embedder(batch, lens)
+        for k, i in enumerate(order):
+            for layer in embedder.layers:
+                assert out[k][layer].shape == alone[i][layer].shape
+                assert np.abs(out[k][layer] - alone[i][layer]).max() < TOL, (norm, order, i, layer)
+    # The frame count is what the front end gives for the valid samples.
+    assert alone[1][0].shape == (int(embedder.output_lengths(torch.tensor([4501]))[0]), 256)
+    if norm == "group":
+        # Without masked statistics a padded row would differ: the test can tell.
+        batch, lens = padded([waves[0], waves[3]])
+        with torch.no_grad():
+            naive = m.encoder.eval()(batch, lens, output_hidden_states=True).hidden_states[2][1]
+        frames = alone[3][2].shape[0]
+        assert np.abs(naive[:frames].numpy() - alone[3][2]).max() > 1e-2
+
+
+@pytest.mark.timeout(60)
+def test_exact_length_batch_needs_no_mask_and_matches(model):
+    _, m = model
+    embedder = Embedder(m, layers=[1], pooling="none")
+    waves = waves_of([8000, 8000, 8000], seed=3)
+    batch = torch.stack(waves)
+    together = embedder(batch, torch.tensor([8000] * 3))
+    for k, w in enumerate(waves):
+        assert np.abs(together[k][1] - embedder(w[None])[0][1]).max() < TOL
+
+
+@pytest.mark.timeout(60)
+def test_mean_pooling_is_the_mean_over_valid_frames_and_float16(model):
+    _, m = model
+    frame = Embedder(m, layers=[1, 3], pooling="none")
+    mean = Embedder(m, layers=[1, 3], pooling="mean")
+    half = Embedder(m, layers=[1, 3], pooling="mean", dtype="float16")
+    batch, lens = padded(waves_of([12000, 7000, 10000], seed=5))
+    frames, pooled, pooled16 = frame(batch, lens), mean(batch, lens), half(batch, lens)
+    for b in range(3):
+        for layer in (1, 3):
+            assert pooled[b][layer].shape == (256,)
+            assert np.abs(pooled[b][layer] - frames[b][layer].mean(axis=0)).max() < TOL
+            assert pooled16[b][layer].dtype == np.float16
+            assert np.abs(pooled16[b][layer].astype(np.float32) - pooled[b][layer]).max() < 2e-2
+
+
+def test_layer_numbers_resolve_and_out_of_range_is_a_config_error():
+    assert resolve_layers([-1, 0, 6, 6], 12) == [0, 6, 12]
+    assert resolve_layers([-13], 12) == [0]
+    with pytest.raises(ConfigError, match="layer 13 does not exist"):
+        resolve_layers([13], 12)
+    with pytest.raises(ConfigError, match="layers"):
+        resolve_layers([], 12)
+    with pytest.raises(ConfigError, match="GPUs only"):
+        Embedder(build("tiny"), precision="bf16", device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# transformers' hidden_states numbering
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_layers_match_transformers_hidden_states(norm, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    mode = (dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True) if norm == "layer"
+            else dict(feat_extract_norm="group", do_stable_layer_norm=False, conv_bias=False))
+    config = transformers.Wav2Vec2Config(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                         intermediate_size=128, conv_dim=(32,) * 7, num_conv_pos_embeddings=16,
+                                         num_conv_pos_embedding_groups=4, **mode)
+    torch.manual_seed(2)
+    hf = transformers.Wav2Vec2Model(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    embedder = Embedder.from_checkpoint(str(tmp_path / "hf"), layers=[0, 1, 3], pooling="none")
+    waves = waves_of([9000, 6400], seed=7)
+    ours = embedder(*padded(waves))
+    for k, w in enumerate(waves):
+        with torch.no_grad():
+            ref = hf(w[None], output_hidden_states=True).hidden_states
+        assert len(ref) == 4
+        for layer in (0, 1, 3):
+            assert np.abs(ours[k][layer] - ref[layer][0].numpy()).max() < TOL, (norm, k, layer)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shards
+# ---------------------------------------------------------------------------------------------------
+
+def _builder(fp: dict, pooling: str = "none", dtype: str = "float32", prefix: str = "utt") -> shard_io.ShardBuilder:
+    builder = shard_io.ShardBuilder(dim=4, pooling=pooling, dtype=dtype, metadata={"fingerprint": fp})
+    rng = np.random.default_rng(0)
+    for i, frames in enumerate([3, 5]):
+        emb = {layer: rng.standard_normal((frames, 4) if pooling == "none" else (4,)).astype(dtype)
+               for layer in (0, 2)}
+        builder.add(f"{prefix}{i}", f"audio/{prefix}{i}.wav", 0.0, frames * 0.02, frames, emb)
+    return builder
+
+
+@pytest.mark.parametrize("pooling,dtype", [("none", "float32"), ("mean", "float16")])
+def test_shard_table_reads_back_with_pyarrow(tmp_path, pooling, dtype):
+    out = shard_io.OutputDir(str(tmp_path))
+    builder = _builder({"a": 1}, pooling, dtype)
+    out.write_table("part-r001-00000.parquet", builder.table())
+    table = pq.read_table(tmp_path / "part-r001-00000.parquet")
+    assert table.column("id").to_pylist() == ["utt0", "utt0", "utt1", "utt1"]
+    assert table.column("layer").to_pylist() == [0, 2, 0, 2]
+    for row, expected in enumerate(builder.values):
+        got = np.array(table.column("embedding")[row].as_py(), dtype=np.float32)
+        assert got.shape == expected.shape
+        assert np.array_equal(got, expected.astype(np.float32))
+    assert [p.name for p in tmp_path.iterdir()] == ["part-r001-00000.parquet"]  # no temporary left
+
+
+def test_scan_ignores_temporary_files_and_refuses_other_configurations(tmp_path):
+    out = shard_io.OutputDir(str(tmp_path))
+    out.write_table("part-r001-00000.parquet", _builder({"a": 1}).table())
+    # A leftover of an interrupted write: a whole, valid Parquet file under the temporary name.
+    leftover = tmp_path / ".part-r001-00001.parquet.tmp-0123456789ab"
+    pq.write_table(_builder({"a": 1}, prefix="x").table(), leftover)
+    existing = shard_io.scan_output(out, {"a": 1})
+    assert existing.shards == ["part-r001-00000.parquet"]
+    assert existing.stale_temps == [leftover.name]
+    assert shard_io.complete_ids(existing, 2) == {"utt0", "utt1"}
+    assert existing.last_run == 1
+    with pytest.raises(SpeechSSLError, match="another configuration .*differs in: a"):
+        shard_io.scan_output(out, {"a": 2})
