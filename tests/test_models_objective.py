@@ -191,7 +191,7 @@ def test_gradients_reach_quantizer_and_front_end_scaled():
         assert model.quantizer.codebook.grad.abs().sum() > 0
         assert model.quantizer.logits_proj.weight.grad.abs().sum() > 0
         assert model.target_projection.weight.grad.abs().sum() > 0
-        conv = model.encoder.feature_encoder.layers[0].conv.weight.grad
+        conv = model.encoder.feature_encoder.layers[0].weight.grad
         assert conv is not None and conv.abs().sum() > 0
         results[scale] = (conv.clone(), model.encoder.feature_projection.weight.grad.clone())
     conv_full, proj_full = results[1.0]
@@ -250,10 +250,10 @@ def test_channels_last_convolution_matches_conv1d():
     torch.manual_seed(14)
     for channels, kernel, stride in ((1, 10, 5), (4, 3, 2), (4, 2, 2), (3, 3, 1)):
         x = torch.randn(2, 23, channels, dtype=torch.float64, requires_grad=True)
-        w = torch.randn(5, channels, kernel, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(kernel, channels, 5, dtype=torch.float64, requires_grad=True)  # tap-major
         b = torch.randn(5, dtype=torch.float64, requires_grad=True)
         ours = StridedConv.apply(x, w, b, stride)
-        ref = torch.nn.functional.conv1d(x.transpose(1, 2), w, b, stride=stride).transpose(1, 2)
+        ref = torch.nn.functional.conv1d(x.transpose(1, 2), w.permute(2, 1, 0), b, stride=stride).transpose(1, 2)
         assert (ours - ref).abs().max() < 1e-10
         assert torch.autograd.gradcheck(lambda x, w, b: StridedConv.apply(x, w, b, stride), (x, w, b),
                                         fast_mode=True)

@@ -29,7 +29,7 @@ from speech_ssl.models.config import ModelConfig, make_config
 # ----------------------------------------------------------------------------------------------------
 
 _ENCODER_RULES: list[tuple[str, str]] = [
-    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", r"feature_encoder.layers.\1.conv.\2"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", r"feature_encoder.layers.\1.\2"),
     (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)", r"feature_encoder.layers.\1.norm.\2"),
     (r"feature_projection\.layer_norm\.(weight|bias)", r"feature_norm.\1"),
     (r"feature_projection\.projection\.(weight|bias)", r"feature_projection.\1"),
@@ -62,6 +62,16 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> Optional[str]:
     return None
 
 
+_OUR_CONV_WEIGHT = re.compile(r"feature_encoder\.layers\.\d+\.weight")
+
+
+def _conv_layout(our_key: str, value: Tensor) -> Tensor:
+    """Conv1d weights [C_out, C_in, k] <-> ours, tap-major [k, C_in, C_out] (the permutation is its own inverse)."""
+    if _OUR_CONV_WEIGHT.fullmatch(our_key):
+        return value.permute(2, 1, 0).contiguous()
+    return value
+
+
 def _encoder_from_hf(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """transformers encoder keys (no prefix) -> ours; returns the state dict and unknown keys."""
     out: dict[str, Tensor] = {}
@@ -76,7 +86,7 @@ def _encoder_from_hf(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str
         if name is None:
             unknown.append(key)
         else:
-            out[name] = value
+            out[name] = _conv_layout(name, value)
     for (layer, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise SpeechSSLError(f"layer {layer}: attention {kind} needs q, k and v projections; found {sorted(parts)}")
@@ -87,7 +97,7 @@ def _encoder_from_hf(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str
 def _encoder_to_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our encoder keys (no prefix) -> transformers names (weight norm as parametrizations)."""
     inverse = [
-        (r"feature_encoder\.layers\.(\d+)\.conv\.(weight|bias)", r"feature_extractor.conv_layers.\1.conv.\2"),
+        (r"feature_encoder\.layers\.(\d+)\.(weight|bias)", r"feature_extractor.conv_layers.\1.conv.\2"),
         (r"feature_encoder\.layers\.(\d+)\.norm\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
         (r"feature_norm\.(weight|bias)", r"feature_projection.layer_norm.\1"),
         (r"feature_projection\.(weight|bias)", r"feature_projection.projection.\1"),
@@ -112,7 +122,7 @@ def _encoder_to_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         name = _rename(key, inverse)
         if name is None:
             raise KeyError(f"no transformers name for {key}")
-        out[name] = value
+        out[name] = _conv_layout(key, value)
     return out
 
 

@@ -2,8 +2,9 @@
 
 ``torch.nn.Dropout`` on the CPU draws one Bernoulli sample per element, about half of the cost of
 dropout on the attention probabilities of a BASE model. Here one 64-bit draw from torch's global
-generator (``Tensor.random_``) yields three 16-bit lanes, each compared with a threshold: the keep
-probability is ``1 - p`` rounded to a multiple of 2^-16 (|error| <= 7.7e-6), and kept values are scaled by
+generator (``Tensor.random_``) yields four lanes (three of 16 bits, one of 15), each compared with a
+threshold: the keep probability is ``1 - p`` rounded to a multiple of 2^-16 (2^-15 for every fourth
+element; |error| < 2e-5), and kept values are scaled by
 ``1 / (1 - p)`` exactly as ``nn.Dropout`` does. The randomness still comes only from torch's global RNG,
 so saving and restoring ``torch.get_rng_state()`` reproduces it.
 """
@@ -20,10 +21,12 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> Tensor:
     count = 1
     for size in shape:
         count *= size
-    words = torch.empty((count + 2) // 3, dtype=torch.int64).random_()  # 63 random bits each
-    lanes = words.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:count]  # the 3 low 16-bit lanes
-    threshold = -32768 + round(p * 65536)
-    return (lanes >= threshold).view(shape).to(dtype).mul_(1.0 / (1.0 - p))
+    # Tensor.random_() on int64 gives 63 random bits: lanes 0-2 are uniform 16-bit, lane 3 uniform 15-bit.
+    lanes = torch.empty((count + 3) // 4, dtype=torch.int64).random_().view(torch.int16).view(-1, 4)
+    low = -32768 + round(p * 65536)
+    thresholds = torch.tensor([low, low, low, round(p * 32768)], dtype=torch.int16)
+    keep = (lanes >= thresholds).view(-1)[:count].view(shape)
+    return keep.to(dtype).mul_(1.0 / (1.0 - p))
 
 
 class _MaskedScale(torch.autograd.Function):

@@ -20,6 +20,7 @@ other devices it is ``F.conv1d``. The weights keep the usual Conv1d layout [C_ou
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -69,15 +70,15 @@ def _run_view(x: Tensor, frames: int, stride: int, offset: int, width: int) -> T
 
 
 class StridedConv(torch.autograd.Function):
-    """conv1d (no padding) over channels-last x [B, T, C_in]; weight [C_out, C_in, k] -> [B, T', C_out]."""
+    """conv1d (no padding) over channels-last x [B, T, C_in]; weight [k, C_in, C_out] -> [B, T', C_out]."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:  # type: ignore[override]
         x = x.contiguous()
         batch, time, channels = x.shape
-        out_channels, _, kernel = weight.shape
+        kernel, _, out_channels = weight.shape
         frames = (time - kernel) // stride + 1
-        w = weight.permute(2, 1, 0).reshape(kernel * channels, out_channels)  # rows: (tap, channel)
+        w = weight.view(kernel * channels, out_channels)  # rows: (tap, channel)
         y = None
         for offset, width in _chunks(kernel, stride, channels):
             a = _run_view(x, frames, stride, offset, width)
@@ -96,29 +97,44 @@ class StridedConv(torch.autograd.Function):
         stride = ctx.stride
         grad = grad.contiguous()
         batch, time, channels = x.shape
-        out_channels, _, kernel = weight.shape
+        kernel, _, out_channels = weight.shape
         frames = grad.shape[1]
-        w = weight.permute(2, 1, 0).reshape(kernel * channels, out_channels)
+        w = weight.view(kernel * channels, out_channels)
         grad_w = weight.new_empty(kernel * channels, out_channels)
-        grad_x = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
-        for offset, width in _chunks(kernel, stride, channels):
+        need_x = ctx.needs_input_grad[0]
+        grad_x = x.new_empty(x.shape) if need_x else None
+        for index, (offset, width) in enumerate(_chunks(kernel, stride, channels)):
             a = _run_view(x, frames, stride, offset, width)
-            # dW = sum over batch and frames of a^T @ grad
-            grad_w[offset:offset + width] = torch.bmm(a.transpose(1, 2), grad).sum(0)
-            if grad_x is not None:
-                # dx rows of this run: a strided view whose rows do not overlap (width <= stride*C)
+            rows = grad_w[offset:offset + width]
+            for b in range(batch):  # dW = sum over utterances of a^T @ grad, accumulated in place
+                if b == 0:
+                    torch.mm(a[b].t(), grad[b], out=rows)
+                else:
+                    rows.addmm_(a[b].t(), grad[b])
+            if not need_x:
+                continue
+            w_t = w[offset:offset + width].t()
+            if index == 0 and width == stride * channels:
+                # The first run tiles rows [0, stride * frames) of dx exactly: write it in place.
+                for b in range(batch):
+                    torch.mm(grad[b], w_t, out=grad_x[b, :stride * frames].view(frames, width))
+                grad_x[:, stride * frames:].zero_()
+            else:
+                if index == 0:
+                    grad_x.zero_()
+                # later runs overlap earlier rows: a strided view whose rows do not overlap each other
                 _run_view(grad_x, frames, stride, offset, width).add_(
-                    torch.bmm(grad, w[offset:offset + width].t().expand(batch, out_channels, width)))
-        grad_weight = grad_w.view(kernel, weight.shape[1], out_channels).permute(2, 1, 0)
+                    torch.bmm(grad, w_t.expand(batch, out_channels, width)))
+        grad_weight = grad_w.view(kernel, channels, out_channels)
         grad_bias = grad.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None
 
 
 def conv1d_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
-    """[B, T, C_in] -> [B, T', C_out], no padding."""
+    """[B, T, C_in] -> [B, T', C_out], no padding; weight [k, C_in, C_out]."""
     if x.device.type == "cpu":
         return StridedConv.apply(x, weight, bias, stride)
-    return F.conv1d(x.transpose(1, 2), weight, bias, stride=stride).transpose(1, 2)
+    return F.conv1d(x.transpose(1, 2), weight.permute(2, 1, 0), bias, stride=stride).transpose(1, 2)
 
 
 class ChannelNormOverTime(torch.autograd.Function):
@@ -163,14 +179,23 @@ class ChannelNormOverTime(torch.autograd.Function):
 class ConvBlock(nn.Module):
     """One front-end block: Conv1d -> (GroupNorm | LayerNorm over channels | nothing) -> GELU.
 
-    Channels-last [B, T, C_in] -> [B, T', C_out] with T' = floor((T - kernel) / stride) + 1.
+    Channels-last [B, T, C_in] -> [B, T', C_out] with T' = floor((T - kernel) / stride) + 1. The
+    convolution weight is stored tap-major, [kernel, C_in, C_out] (a Conv1d weight permuted (2, 1, 0)),
+    so that it is the GEMM operand as it stands; the converters permute it for other layouts.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, bias: bool,
                  norm: Optional[str], eps: float = 1e-5):
         super().__init__()
         self.stride = stride
-        self.conv = nn.Conv1d(in_channels, out_channels, kernel, stride=stride, bias=bias)
+        weight = torch.empty(out_channels, in_channels, kernel)
+        nn.init.kaiming_normal_(weight)  # fairseq's init, on the Conv1d layout
+        self.weight = nn.Parameter(weight.permute(2, 1, 0).contiguous())
+        if bias:
+            bound = 1.0 / math.sqrt(in_channels * kernel)  # nn.Conv1d's default bias init
+            self.bias = nn.Parameter(torch.empty(out_channels).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
         self.norm_kind = norm
         if norm == "group":
             self.norm = nn.GroupNorm(out_channels, out_channels, eps=eps, affine=True)
@@ -178,10 +203,9 @@ class ConvBlock(nn.Module):
             self.norm = nn.LayerNorm(out_channels, eps=eps, elementwise_affine=True)
         else:
             self.norm = None
-        nn.init.kaiming_normal_(self.conv.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = conv1d_channels_last(x, self.conv.weight, self.conv.bias, self.stride)
+        x = conv1d_channels_last(x, self.weight, self.bias, self.stride)
         if self.norm_kind == "group":
             x = ChannelNormOverTime.apply(x, self.norm.weight, self.norm.bias, self.norm.eps)
         elif self.norm_kind == "layer":
