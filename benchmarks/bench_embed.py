@@ -1,0 +1,320 @@
+"""Embedding throughput: ``speech-ssl embed`` (Ray Data + actor pool) against a plain transformers loop.
+
+CPU mode (default), side by side in one run, each configuration in a fresh subprocess:
+
+* ``hf``: the reference a user would write: for each file, soundfile decode (+ torchaudio resample when
+  needed), transformers' feature extractor (normalisation as the model was trained), transformers'
+  ``Wav2Vec2Model`` (SDPA attention) on that one file, the requested layer copied out as numpy
+  (``last_hidden_state`` for the last layer, ``hidden_states[L]`` otherwise). None of our code runs.
+* ``ours``: ``speech_ssl.stages.embed.run`` on a private local Ray of ``--cpus`` CPUs: planning,
+  Ray Data decode tasks, one model actor, Parquet shards written (frame-level, float32).
+* Same weights on both sides: a random ``base`` / ``tiny`` model saved in our format and exported with
+  ``speech_ssl.models.export_hf`` for transformers.
+* Figures: audio seconds per wall second (= audio hours per hour, = x real time) of the whole command or
+  loop (model loading, Ray start and actor start included for ours; interpreter imports excluded for
+  both), audio seconds per CPU second of the process tree (less sensitive to other people's load),
+  padding waste, and peak memory of the whole process tree (PSS, shared pages counted once; RSS summed).
+* Also the plain decode rate (soundfile + resample, one thread): how many decode cores a given
+  embedding rate needs.
+
+GPU mode (``--gpu``): the Ray-free embedding batch function (``speech_ssl.embed.Embedder``) for ``base``
+on pre-decoded audio already in host memory (synthetic waveforms with the corpus' length distribution, so
+no corpus is needed on the GPU machine), batches planned by the data layer (length-bucketed, padded),
+bf16 autocast; x real time = audio seconds / wall seconds, host-to-device copy of the batch and
+device-to-host copy of the embeddings included. ``--device cpu --precision fp32`` dry-runs it here.
+
+    .venv/bin/python benchmarks/bench_embed.py                      # 0.1 h subset: base last + middle, tiny
+    .venv/bin/python benchmarks/bench_embed.py --hours 0.25 --models base
+    python benchmarks/bench_embed.py --gpu                          # on a GPU machine (no Ray needed)
+    .venv/bin/python benchmarks/bench_embed.py --gpu --device cpu --precision fp32 --seconds 30 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+DEFAULT_MANIFEST = HERE.parents[1] / "shared/data/tts-harvard/unlabeled.jsonl"
+# Which hidden_states index each model is measured at: the last layer, and (base) a middle one.
+LAYERS = {"base": [12, 6], "tiny": [4]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Children (one configuration each, in a fresh process)
+# ---------------------------------------------------------------------------------------------------
+
+def child_prepare(workdir: str, models: list[str], manifest: str, hours: float) -> dict:
+    """Random-weight models in both formats, and the subset manifest (absolute paths)."""
+    import torch
+    from bench_ingest import load_subset
+
+    from speech_ssl.models import build, export_hf, save_model
+
+    for name in models:
+        torch.manual_seed(0)
+        model = build(name)
+        save_model(model.encoder, Path(workdir) / f"ours_{name}")
+        export_hf(model.encoder, Path(workdir) / f"hf_{name}")
+    utts = load_subset(manifest, hours)
+    with open(Path(workdir) / "subset.jsonl", "w") as f:
+        for u in utts:
+            f.write(json.dumps({"path": u.path, "duration": u.duration}) + "\n")
+    return {"utterances": len(utts), "audio_s": sum(u.duration for u in utts)}
+
+
+def child_hf(workdir: str, model: str, layer: int) -> dict:
+    import numpy as np
+    import soundfile as sf
+    import torch
+    import torchaudio
+    import transformers
+    from bench_ingest import TreeMemory, tree_cpu_seconds
+
+    transformers.logging.set_verbosity_error()
+    rows = [json.loads(line) for line in open(Path(workdir) / "subset.jsonl")]
+    with TreeMemory() as mem:
+        t0, c0 = time.perf_counter(), tree_cpu_seconds()
+        directory = Path(workdir) / f"hf_{model}"
+        hf = transformers.Wav2Vec2Model.from_pretrained(directory).eval()
+        extractor = transformers.Wav2Vec2FeatureExtractor.from_pretrained(directory)
+        last = layer == hf.config.num_hidden_layers
+        seconds, kept = 0.0, 0
+        for row in rows:
+            samples, rate = sf.read(row["path"], dtype="float32", always_2d=True)
+            wave = samples.mean(axis=1)
+            if rate != 16000:
+                wave = torchaudio.functional.resample(torch.from_numpy(wave), rate, 16000).numpy()
+            inputs = extractor(wave, sampling_rate=16000, return_tensors="pt").input_values
+            with torch.inference_mode():
+                if last:
+                    emb = hf(inputs).last_hidden_state[0].numpy().copy()
+                else:
+                    emb = hf(inputs, output_hidden_states=True).hidden_states[layer][0].numpy().copy()
+            kept += emb.shape[0] > 0
+            seconds += len(wave) / 16000
+        wall, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0
+    return {"run": f"hf {model} layer {layer}", "audio_s": seconds, "wall_s": wall, "rate": seconds / wall,
+            "cpu_rate": seconds / cpu, "peak_pss_mb": mem.peak_pss / 1024, "peak_rss_mb": mem.peak_rss / 1024,
+            "threads": torch.get_num_threads(), "utterances": kept}
+
+
+def child_ours(workdir: str, model: str, layer: int, cpus: int, batch_seconds: float) -> dict:
+    import shutil
+
+    from bench_ingest import TreeMemory, tree_cpu_seconds
+
+    from speech_ssl.data import DataConfig
+    from speech_ssl.runtime import RayConfig
+    from speech_ssl.stages.embed import Config, run
+
+    out = Path(workdir) / f"out_{model}_{layer}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = Config(checkpoint=str(Path(workdir) / f"ours_{model}"), input=str(Path(workdir) / "subset.jsonl"),
+                 output=str(out), layers=[layer], pooling="none", dtype="float32", progress_seconds=30,
+                 data=DataConfig(shuffle=False, batch_seconds=batch_seconds),
+                 ray=RayConfig(num_cpus=cpus, include_dashboard=False, object_store_memory_mb=400))
+    with TreeMemory() as mem:
+        t0, c0 = time.perf_counter(), tree_cpu_seconds()
+        summary = run(cfg)
+        wall, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0
+    seconds = summary["audio_hours"]["this_run"] * 3600
+    shutil.rmtree(out, ignore_errors=True)
+    return {"run": f"ours {model} layer {layer}", "audio_s": seconds, "wall_s": wall, "rate": seconds / wall,
+            "cpu_rate": seconds / cpu, "embed_s": summary["this_run"]["embed_seconds"],
+            "padding_waste": summary["this_run"]["padding_waste"], "peak_pss_mb": mem.peak_pss / 1024,
+            "peak_rss_mb": mem.peak_rss / 1024, "utterances": summary["counts"]["embedded_this_run"],
+            "placement": summary["this_run"]["placement"]}
+
+
+def child_decode(workdir: str) -> dict:
+    """Plain decode + downmix + resample to 16 kHz, one thread: audio seconds per second per core."""
+    import numpy as np
+    import soundfile as sf
+    import torch
+    import torchaudio
+
+    torch.set_num_threads(1)
+    rows = [json.loads(line) for line in open(Path(workdir) / "subset.jsonl")]
+    seconds = 0.0
+    t0 = time.process_time()
+    for row in rows:
+        samples, rate = sf.read(row["path"], dtype="float32", always_2d=True)
+        wave = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1)))
+        if rate != 16000:
+            wave = torchaudio.functional.resample(wave, rate, 16000)
+        seconds += wave.shape[0] / 16000
+    cpu = time.process_time() - t0
+    return {"run": "decode (soundfile + resample), 1 thread", "audio_s": seconds, "cpu_s": cpu,
+            "rate_per_core": seconds / cpu}
+
+
+def _child(args: list[str]) -> dict:
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=3600, env=env)
+    for line in out.stdout.splitlines()[::-1]:
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"benchmark child {args} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU mode: the embedding batch function alone
+# ---------------------------------------------------------------------------------------------------
+
+def run_gpu(args) -> dict:
+    import numpy as np
+    import torch
+
+    from speech_ssl.data import DataConfig
+    from speech_ssl.data.plan import plan_epoch
+    from speech_ssl.embed import Embedder
+    from speech_ssl.models import build
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here; dry-run with --device cpu --precision fp32")
+    torch.manual_seed(0)
+    model = build(args.model)
+    embedder = Embedder(model, layers=[args.layer], pooling=args.pooling, device=device, precision=args.precision,
+                        dtype="float16" if args.precision != "fp32" else "float32")
+    del model
+    # Pre-decoded audio: the corpus' length distribution (tts-harvard unlabeled: 1.39 .. 4.30 s, mean 2.57 s).
+    rng = np.random.default_rng(0)
+    durations, total = [], 0.0
+    while total < args.seconds:
+        d = float(rng.uniform(1.39, 4.30))
+        durations.append(d)
+        total += d
+    waves = [torch.from_numpy((0.1 * rng.standard_normal(int(d * 16000))).astype(np.float32)) for d in durations]
+    data = DataConfig(shuffle=False, batch_seconds=args.batch_seconds, max_batch_size=args.max_batch_size)
+    plan = plan_epoch(durations, data, "pad", seed=0, epoch=0)
+    batches = []
+    for rows in plan:
+        lengths = torch.tensor([len(waves[i]) for i in rows])
+        x = torch.zeros(len(rows), int(lengths.max()))
+        for k, i in enumerate(rows):
+            x[k, : len(waves[i])] = waves[i]
+        batches.append((x.pin_memory() if device == "cuda" else x, lengths))
+    padded = sum(x.numel() for x, _ in batches) / 16000
+
+    def one_pass() -> float:
+        seconds = 0.0
+        for x, lengths in batches:
+            embedder(x, lengths)  # copies the embeddings to host numpy: synchronises
+            seconds += float(lengths.sum()) / 16000
+        return seconds
+
+    for _ in range(args.warmup):
+        one_pass()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    seconds = sum(one_pass() for _ in range(args.repeats))
+    wall = time.perf_counter() - t0
+    rate = seconds / wall
+    result = {"run": f"Embedder {args.model} layer {embedder.layers[0]} {args.precision} on {device}",
+              "audio_s": seconds, "wall_s": wall, "x_real_time": rate, "batches": len(batches),
+              "mean_batch_size": sum(len(r) for r in plan) / len(plan), "padding_waste": 1 - total / padded,
+              "pooling": args.pooling}
+    if device == "cuda":
+        result["device_name"] = torch.cuda.get_device_name()
+        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.decode_rate:
+        result["decode_cores_needed"] = rate / args.decode_rate
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST))
+    parser.add_argument("--hours", type=float, default=0.1, help="random subset of this many hours (0: all)")
+    parser.add_argument("--models", nargs="+", default=["base", "tiny"], choices=list(LAYERS))
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the embedded Ray")
+    parser.add_argument("--batch-seconds", type=float, default=40.0)
+    # GPU mode
+    parser.add_argument("--gpu", action="store_true", help="measure the Ray-free Embedder on pre-decoded audio")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--model", default="base")
+    parser.add_argument("--layer", type=int, default=-1)
+    parser.add_argument("--pooling", default="none", choices=["none", "mean"])
+    parser.add_argument("--seconds", type=float, default=3600.0, help="GPU mode: audio seconds per pass")
+    parser.add_argument("--gpu-batch-seconds", dest="gpu_batch_seconds", type=float, default=640.0)
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--decode-rate", type=float, default=0.0,
+                        help="GPU mode: decode audio-s/s per core (from the CPU run) to state the cores needed")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--layer-index", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.gpu:
+        args.batch_seconds = args.gpu_batch_seconds
+        print(json.dumps(run_gpu(args)))
+        return
+    if args.child == "prepare":
+        print(json.dumps(child_prepare(args.workdir, args.models, args.manifest, args.hours)))
+        return
+    if args.child == "hf":
+        print(json.dumps(child_hf(args.workdir, args.model, args.layer)))
+        return
+    if args.child == "ours":
+        print(json.dumps(child_ours(args.workdir, args.model, args.layer, args.cpus, args.batch_seconds)))
+        return
+    if args.child == "decode":
+        print(json.dumps(child_decode(args.workdir)))
+        return
+
+    if not Path(args.manifest).exists():
+        print(f"skipped: {args.manifest} not found (the shared corpora are not on this machine)")
+        return
+    workdir = tempfile.mkdtemp(prefix="bench_embed_")
+    print(f"load average before: {os.getloadavg()}; {os.cpu_count()} CPUs; work dir {workdir}", flush=True)
+    prep = _child(["--child", "prepare", "--workdir", workdir, "--manifest", args.manifest, "--hours",
+                   str(args.hours), "--models", *args.models])
+    print(f"subset: {prep['utterances']} utterances, {prep['audio_s'] / 3600:.3f} h of {args.manifest}", flush=True)
+    results = {"subset": prep, "runs": [], "load_before": os.getloadavg()}
+    decode = _child(["--child", "decode", "--workdir", workdir])
+    results["decode"] = decode
+    print(f"{decode['run']}: {decode['rate_per_core']:.0f} audio-s per CPU-s", flush=True)
+    for model in args.models:
+        for layer in LAYERS[model]:
+            pair = {}
+            for side in ("hf", "ours"):
+                res = _child(["--child", side, "--workdir", workdir, "--model", model, "--layer", str(layer),
+                              "--cpus", str(args.cpus), "--batch-seconds", str(args.batch_seconds)])
+                res["load"] = os.getloadavg()[0]
+                pair[side] = res
+                extra = (f", padding {100 * res['padding_waste']:.1f}%, pipeline {res['embed_s']:.1f} s"
+                         if side == "ours" else "")
+                print(f"{res['run']}: {res['audio_s']:.0f} audio-s in {res['wall_s']:.1f} s = {res['rate']:.2f} "
+                      f"audio-s/s ({res['cpu_rate']:.2f} per CPU-s){extra}; peak memory {res['peak_pss_mb']:.0f} MB "
+                      f"PSS ({res['peak_rss_mb']:.0f} MB RSS); load {res['load']:.1f}", flush=True)
+            ratio = pair["ours"]["rate"] / pair["hf"]["rate"]
+            cpu_ratio = pair["ours"]["cpu_rate"] / pair["hf"]["cpu_rate"]
+            print(f"==> {model} layer {layer}: ours / transformers loop = {ratio:.2f}x wall ({cpu_ratio:.2f}x per "
+                  f"CPU-s)", flush=True)
+            results["runs"].append({"model": model, "layer": layer, "ratio": ratio, "cpu_ratio": cpu_ratio, **pair})
+    results["load_after"] = os.getloadavg()
+    print(f"load average after: {os.getloadavg()}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
