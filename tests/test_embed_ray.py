@@ -1,7 +1,8 @@
 """``speech-ssl embed`` end to end on a local Ray (one Ray for the module).
 
 Generated corpora in several formats and rates with a zoo of broken files; a layer-norm model (``tiny``)
-through the command line and a group-norm model through the Python API. The Parquet output is read back
+through the command line and a group-norm model through the Python API (its actor holding two shards at
+once, as GPU actors do). The Parquet output is read back
 by pyarrow and pandas in a process where neither speech_ssl nor ray can be imported, and by Ray Data.
 Every stored embedding equals the utterance embedded alone (1e-4), so batching changed nothing. Resuming:
 a run after a shard was lost (and an unfinished temporary file left behind) redoes only that shard's
@@ -145,10 +146,11 @@ def test_group_norm_model_mean_pooling(ray_local, tmp_path):
     model = build("tiny", conv_norm="group", conv_bias=False, layer_norm_first=False, normalize_waveform=False)
     save_model(model, tmp_path / "group")
     cfg = Config(checkpoint=str(tmp_path / "group"), input=str(tmp_path / "audio"), output=str(tmp_path / "out"),
-                 layers=[1, -1], pooling="mean", shard_seconds=100,
+                 layers=[1, -1], pooling="mean", shard_seconds=3, concurrent_shards=2,
                  data=DataConfig(shuffle=False, batch_seconds=6, bucket_width=0.5))
     summary = run(cfg)
     assert summary["counts"]["used"] == 8 and summary["this_run"]["padding_waste"] > 0
+    assert summary["this_run"]["shards_written"] >= 2  # written while the actor computed the next one
     frames = reference(tmp_path / "group", str(tmp_path / "audio"), [1, 4], "none")
     rows = rows_by_key(tmp_path / "out")
     assert len(rows) == 16

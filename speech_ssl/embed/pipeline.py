@@ -179,12 +179,21 @@ class ActorSpec:
     output: str
     unit_seconds: float  # seconds per input step
     metadata: dict[str, Any]
+    concurrent_shards: int = 1  # shards in one actor at once: one computes, the others are written
 
 
 class ShardEmbedder:
-    """Ray Data actor: loads the model once, then embeds and writes one shard per call."""
+    """Ray Data actor: loads the model once, then embeds and writes one shard per call.
+
+    With ``concurrent_shards > 1`` Ray Data runs that many calls in threads of the actor; the model runs
+    under a lock (one batch at a time on the device), and the Parquet encoding and writing of finished
+    shards, which release the GIL, overlap the next shard's compute. On a GPU a frame-level shard takes
+    far longer to write than to compute.
+    """
 
     def __init__(self, spec: ActorSpec):
+        import threading
+
         import torch
 
         from speech_ssl.embed.embedder import Embedder
@@ -195,6 +204,7 @@ class ShardEmbedder:
         self.embedder = Embedder.from_checkpoint(spec.checkpoint, layers=spec.layers, pooling=spec.pooling,
                                                  device=spec.device, precision=spec.precision, dtype=spec.dtype)
         self.out = shard_io.OutputDir(spec.output)
+        self.compute_lock = threading.Lock()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         results = []
@@ -234,7 +244,8 @@ class ShardEmbedder:
             width = int(lengths.max())
             inputs = inputs[:, :width]
             single = bool((lengths == width).all())
-            embeddings = embedder(inputs, None if single else lengths)
+            with self.compute_lock:
+                embeddings = embedder(inputs, None if single else lengths)
             for b, utt_id in enumerate(ids):
                 builder.add(utt_id, paths[b], meta["starts"].get(utt_id, 0.0),
                             float(lengths[b]) * spec.unit_seconds, int(frames[b]), embeddings[b])
@@ -413,6 +424,7 @@ def embed_corpus(cfg) -> dict[str, Any]:
                 checkpoint=os.path.abspath(os.path.expanduser(cfg.checkpoint)), layers=layers, pooling=cfg.pooling,
                 dtype=cfg.dtype, precision=cfg.precision, device=placement.device, threads=placement.threads,
                 output=out.location, unit_seconds=spec.unit_seconds,
+                concurrent_shards=cfg.concurrent_shards or (4 if placement.device == "cuda" else 1),
                 metadata={"fingerprint": fingerprint, "model": {"checkpoint": cfg.checkpoint,
                                                                 "architecture": architecture,
                                                                 "config": asdict(model_cfg)},

@@ -31,6 +31,8 @@ class Config:
     device: auto (GPU actors when the cluster has GPUs) | cpu | cuda.
     num_actors: model actors (null: one per GPU, or one per node on CPUs). actor_cpus: CPUs each (null: 1
         with a GPU; on CPUs, the node's CPUs less half a CPU for decoding).
+    concurrent_shards: shards an actor holds at once: one computes while the others are encoded and written
+        (null: 1 on CPUs, 4 with a GPU, where writing a frame-level shard takes longer than computing it).
     shard_seconds: audio per Parquet shard (a crash loses at most the shards in flight).
     overwrite: delete the output's shards first instead of continuing them.
     progress_seconds: interval of the progress lines."""
@@ -46,6 +48,7 @@ class Config:
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
     num_actors: Optional[int] = None
     actor_cpus: Optional[float] = None
+    concurrent_shards: Optional[int] = None
     shard_seconds: float = 600.0
     overwrite: bool = False
     progress_seconds: float = 10.0
