@@ -139,18 +139,37 @@ def toy_utterance(text: str, rate: int = 16000, seed: int = 0) -> np.ndarray:
     return (sig + noise(len(sig) / rate, rate, 0.005, seed)).astype(np.float32)
 
 
-def toy_text(rng: random.Random, words: int = 3) -> str:
-    return " ".join("".join(rng.choice(TOY_LETTERS) for _ in range(rng.randint(2, 4))) for _ in range(words))
+def toy_word(rng: random.Random) -> str:
+    return "".join(rng.choice(TOY_LETTERS) for _ in range(rng.randint(2, 4)))
+
+
+def toy_words(count: int, seed: int = 0) -> list[str]:
+    """``count`` distinct toy words: a closed vocabulary for corpora that share their words (a lexicon)."""
+    rng = random.Random(seed)
+    words: list[str] = []
+    while len(words) < count:
+        word = toy_word(rng)
+        if word not in words:
+            words.append(word)
+    return words
+
+
+def toy_text(rng: random.Random, words: int = 3, vocabulary: Optional[Sequence[str]] = None) -> str:
+    return " ".join(rng.choice(vocabulary) if vocabulary else toy_word(rng) for _ in range(words))
 
 
 def make_toy_asr_corpus(root: Path, n: int = 40, seed: int = 0, split: str = "train", fmt: str = "flac",
-                        rate: int = 16000) -> Path:
-    """A labeled toy ASR corpus: ``root/split.jsonl`` with ``text`` over the letters in TOY_LETTERS."""
+                        rate: int = 16000, words: Optional[Sequence[str]] = None) -> Path:
+    """A labeled toy ASR corpus: ``root/split.jsonl`` with ``text`` over the letters in TOY_LETTERS.
+
+    ``words``: draw every word from this list (e.g. ``toy_words(20)``), so that corpora made with the same
+    list share a closed vocabulary; otherwise words are random letter strings.
+    """
     root = Path(root)
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        text = toy_text(rng, words=rng.randint(1, 3))
+        text = toy_text(rng, words=rng.randint(1, 3), vocabulary=words)
         rel = f"{split}/utt{i:04d}{SUFFIX[fmt]}"
         write_audio(root / rel, toy_utterance(text, rate, seed=seed * 1000 + i), rate, fmt)
         rows.append({"path": rel, "duration": round(sf.info(str(root / rel)).duration, 3),

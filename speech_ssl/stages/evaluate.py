@@ -1,48 +1,150 @@
-"""``speech-ssl evaluate``: WER and CER of a CTC checkpoint on a labeled manifest."""
+"""``speech-ssl evaluate``: WER and CER of a CTC checkpoint on a labeled manifest.
+
+References are normalised with the checkpoint's own transcript normaliser (``text_config.json``) and
+scored with jiwer against greedy or lexicon beam-search hypotheses. The last line of standard output is
+one JSON object: ``wer`` and ``cer`` (fractions), the counts behind them, ``utterances``, ``audio_hours``,
+``rtf`` (processing seconds per audio second: data wait + forward + search, after the model is loaded)
+and the ingest counts (``read = used + quarantined + filtered``). ``output`` gets the same object;
+``hypotheses`` one JSON line per utterance (id, path, ref, hyp and its error counts).
+
+Test sets above ``ray_threshold`` utterances are decoded by Ray Data tasks (an embedded Ray, or
+``ray.address``) while the model runs here.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
+from speech_ssl.asr.decoding import BeamConfig
 from speech_ssl.data.config import DataConfig
 from speech_ssl.runtime import RayConfig
-from speech_ssl.stages.common import StageNotBuilt
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BeamConfig", "Config", "EvalDataConfig", "run"]
 
 
 @dataclass(kw_only=True)
 class EvalDataConfig(DataConfig):
-    """test: labeled manifest to score."""
+    """test: labeled manifest to score (JSONL with `text`, or a fairseq TSV with its .wrd)."""
 
     test: str
 
 
 @dataclass
-class BeamConfig:
-    """Lexicon beam search (torchaudio's flashlight CTC decoder).
-
-    lexicon: a lexicon file, or null to build one from the checkpoint's training transcripts.
-    kenlm: optional KenLM binary/ARPA model; lm_weight and word_score apply only with it.
-    """
-
-    beam_size: int = 50
-    lexicon: Optional[str] = None
-    kenlm: Optional[str] = None
-    lm_weight: float = 2.0
-    word_score: float = 0.0
-    beam_threshold: float = 25.0
-
-
-@dataclass
 class Config:
+    """
+    checkpoint: a fine-tuned checkpoint directory (or a fine-tuning run's output_dir: its best).
+    decoder: greedy | beam (settings under beam.*).
+    output: JSON file for the scores (the same object is the last line printed).
+    hypotheses: JSONL of per-utterance hypotheses (default: <output stem>.hyp.jsonl when output is set).
+    ray_threshold: test sets with more utterances than this are decoded by Ray Data tasks."""
+
     checkpoint: str
     data: EvalDataConfig
     decoder: str = field(default="greedy", metadata={"choices": ["greedy", "beam"]})
     beam: BeamConfig = field(default_factory=BeamConfig)
     output: Optional[str] = None
     hypotheses: Optional[str] = None
+    ray_threshold: int = 2000
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def run(cfg: Config) -> None:
-    raise StageNotBuilt("evaluate")
+def _stem(path: str) -> str:
+    return path[: -len(".json")] if path.endswith(".json") else path
+
+
+def use_ray_for(count: int, threshold: int, ray_cfg: RayConfig) -> bool:
+    """Ray Data decodes when the input is large or a cluster is named; small inputs stay in-process."""
+    from speech_ssl.runtime import resolve_address
+
+    return count > threshold or resolve_address(ray_cfg) is not None
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Score the checkpoint on ``data.test``; prints and returns the results object."""
+    from speech_ssl.asr.recognizer import Recognizer
+    from speech_ssl.asr.scoring import COUNT_KEYS, rates, utterance_errors
+    from speech_ssl.data import read_source
+    from speech_ssl.errors import SpeechSSLError
+    from speech_ssl.runtime import ray_session
+
+    recognizer = Recognizer.load(cfg.checkpoint, cfg.decoder, cfg.beam, fallback_text=cfg.data.text)
+    utterances = read_source(cfg.data.test, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
+    unlabeled = [u for u in utterances if u.text is None]
+    if unlabeled:
+        raise SpeechSSLError(f"data.test: {len(unlabeled)} of {len(utterances)} rows have no transcript ('text'), "
+                             f"e.g. {unlabeled[0].source_path}; evaluate needs a labeled manifest (use "
+                             "speech-ssl transcribe for unlabeled audio)")
+    # One error listing every character the checkpoint's normaliser refuses, before any audio is read.
+    recognizer.normalizer.check(u.text for u in utterances)
+
+    use_ray = use_ray_for(len(utterances), cfg.ray_threshold, cfg.ray)
+    rows: dict[str, dict[str, Any]] = {}
+    totals = {k: 0 for k in COUNT_KEYS}
+    empty_refs = 0
+    audio_seconds = 0.0
+    with ray_session(cfg.ray) if use_ray else contextlib.nullcontext():
+        stream = recognizer.batches(utterances, cfg.data, use_ray)
+        started = time.perf_counter()
+        for result in recognizer.recognize(stream):
+            errors = utterance_errors(result.reference or "", result.text)
+            if errors is None:
+                empty_refs += 1
+            else:
+                for k in COUNT_KEYS:
+                    totals[k] += errors[k]
+            audio_seconds += result.seconds
+            rows[result.id] = {"id": result.id, "path": result.path, "ref": result.reference, "hyp": result.text,
+                               **(errors or {k: None for k in COUNT_KEYS})}
+        elapsed = time.perf_counter() - started
+    report = stream.report
+    report.raise_if_nothing_used(cfg.data.test)
+
+    scored = len(rows) - empty_refs
+    results: dict[str, Any] = {
+        **rates(totals), **totals,
+        "utterances": scored, "empty_references": empty_refs,
+        "audio_hours": audio_seconds / 3600,
+        "rtf": elapsed / max(audio_seconds, 1e-9),
+        "elapsed_seconds": elapsed, **recognizer.timing,
+        "read": report.read, "used": report.used, "quarantined": report.quarantined, "filtered": report.filtered,
+        "quarantine_reasons": report.reasons("quarantined"), "filter_reasons": report.reasons("filtered"),
+        "decoder": cfg.decoder, "checkpoint": recognizer.source, "test": cfg.data.test,
+    }
+    if cfg.decoder == "beam":
+        results["beam"] = {"beam_size": cfg.beam.beam_size, "lexicon": cfg.beam.lexicon or "training transcripts",
+                           "kenlm": cfg.beam.kenlm, "lm_weight": cfg.beam.lm_weight if cfg.beam.kenlm else 0.0,
+                           "word_score": cfg.beam.word_score}
+
+    hypotheses = cfg.hypotheses or (_stem(cfg.output) + ".hyp.jsonl" if cfg.output else None)
+    if hypotheses:
+        os.makedirs(os.path.dirname(os.path.abspath(hypotheses)), exist_ok=True)
+        with open(hypotheses, "w", encoding="utf-8") as f:
+            for utt in utterances:  # manifest order
+                if utt.id in rows:
+                    f.write(json.dumps(rows[utt.id], ensure_ascii=False) + "\n")
+        results["hypotheses"] = hypotheses
+    if report.entries:
+        where = _stem(cfg.output) + ".quarantine.jsonl" if cfg.output else None
+        if where:
+            results["quarantine_report"] = report.write_jsonl(where)
+        for e in report.entries[:20]:
+            log.warning("%s %s: %s %s", e["kind"], e["path"], e["reason"], e.get("detail", ""))
+    if cfg.output:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
+        with open(cfg.output, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+            f.write("\n")
+    log.info("evaluate (%s) on %s: WER %.4f, CER %.4f over %d utterances (%.3f h), RTF %.4f",
+             cfg.decoder, cfg.data.test, results["wer"], results["cer"], scored, results["audio_hours"],
+             results["rtf"])
+    print(report.summary_line("evaluate"))
+    print(json.dumps(results), flush=True)
+    return results

@@ -44,6 +44,26 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+def check_texts(normalizer, utterances, key: str) -> None:
+    """One SpeechSSLError naming ``key`` and every character its transcripts hold that ``normalizer`` refuses."""
+    from speech_ssl.errors import SpeechSSLError
+
+    try:
+        normalizer.check(u.text for u in utterances)
+    except SpeechSSLError as err:
+        raise SpeechSSLError(f"{key}: {err}") from None
+
+
+def check_vocabulary(vocab, normalizer, utterances, key: str) -> None:
+    """One SpeechSSLError naming ``key`` and every character of its transcripts outside ``vocab``."""
+    from speech_ssl.errors import SpeechSSLError
+
+    try:
+        vocab.check([normalizer(u.text) for u in utterances if u.text is not None])
+    except SpeechSSLError as err:
+        raise SpeechSSLError(f"{key}: {err}") from None
+
+
 def run(cfg: Config) -> dict:
     """Fine-tune; resumes when ``output_dir`` already holds checkpoints. Returns the training summary."""
     from speech_ssl.data import TextNormalizer, Vocabulary, read_source
@@ -60,21 +80,28 @@ def run(cfg: Config) -> dict:
                                   "model directory, a fairseq .pt file, or none to train from scratch).")
     output_dir = Path(cfg.output_dir).resolve()
     save_resolved_config(output_dir, "finetune", cfg)
+    # Everything that can be wrong with the transcripts fails here, before Ray or any worker starts.
+    train = read_source(cfg.data.train, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
+    valid = read_source(cfg.data.valid, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
+    normalizer = TextNormalizer(cfg.data.text)
+    # Per split: one error listing every character the normaliser refuses, then one listing every
+    # character outside the vocabulary (validation characters the training transcripts never show).
+    check_texts(normalizer, train, "data.train")
+    check_texts(normalizer, valid, "data.valid")
+    previous = ckpt.latest_complete(storage_root(output_dir, cfg.trainer))
+    if previous is not None and "://" not in previous:
+        # A resumed run keeps the vocabulary its head was built with.
+        vocab = Vocabulary.load(previous, unknown=cfg.data.text.unknown)
+    else:
+        vocab = Vocabulary.build([u.text for u in train], normalizer)
+    check_vocabulary(vocab, normalizer, train, "data.train")
+    check_vocabulary(vocab, normalizer, valid, "data.valid")
+    log.info("fine-tuning %s on %d utterances (%.2f h), %d-token vocabulary, validating on %d",
+             cfg.init if cfg.init != "none" else f"{cfg.model} from scratch", len(train),
+             sum(u.duration for u in train) / 3600, len(vocab), len(valid))
+    task = CTCTask(init=cfg.init, model=cfg.model, model_overrides=dict(cfg.model_overrides), data=cfg.data,
+                   train=train, valid=valid, vocab=vocab, ctc=cfg.ctc)
     with ray_session(cfg.ray):
-        train = read_source(cfg.data.train)
-        valid = read_source(cfg.data.valid)
-        normalizer = TextNormalizer(cfg.data.text)
-        previous = ckpt.latest_complete(storage_root(output_dir, cfg.trainer))
-        if previous is not None and "://" not in previous:
-            # A resumed run keeps the vocabulary its head was built with.
-            vocab = Vocabulary.load(previous, unknown=cfg.data.text.unknown)
-        else:
-            vocab = Vocabulary.build([u.text for u in train], normalizer)
-        log.info("fine-tuning %s on %d utterances (%.2f h), %d-token vocabulary, validating on %d",
-                 cfg.init if cfg.init != "none" else f"{cfg.model} from scratch", len(train),
-                 sum(u.duration for u in train) / 3600, len(vocab), len(valid))
-        task = CTCTask(init=cfg.init, model=cfg.model, model_overrides=dict(cfg.model_overrides), data=cfg.data,
-                       train=train, valid=valid, vocab=vocab, ctc=cfg.ctc)
         summary = run_training(task, cfg.trainer, output_dir)
     log.info("fine-tuning done after %d updates: best %s (%s), last %s", summary["updates"], summary["best"],
              ", ".join(f"{k} {v:.4f}" for k, v in summary.get("metrics", {}).items() if k in ("valid_wer", "valid_cer")),

@@ -1,28 +1,125 @@
-"""``speech-ssl transcribe``: transcripts for new audio with a CTC checkpoint."""
+"""``speech-ssl transcribe``: transcripts for new audio with a fine-tuned CTC checkpoint.
+
+``input`` is anything the data layer reads: audio files (comma-separated), a directory (scanned
+recursively), a JSONL or TSV manifest or a list of paths, local or URIs. Audio is batched by length
+(padded batches of ``data.batch_seconds``); recordings longer than ``data.segment_duration`` are cut
+into equal segments whose transcripts are joined again. Inputs above ``ray_threshold`` files are
+decoded by Ray Data tasks (an embedded Ray, or ``ray.address``) while the model runs here.
+
+Writes one JSON line per file (``id``, ``path``, ``text``, ``duration``) to ``output``, or to standard
+output when ``output`` is null; unreadable files are quarantined and listed, never fatal.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
+from speech_ssl.asr.decoding import BeamConfig
 from speech_ssl.data.config import DataConfig
 from speech_ssl.runtime import RayConfig
-from speech_ssl.stages.common import StageNotBuilt
-from speech_ssl.stages.evaluate import BeamConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Config:
-    """input: audio files, a directory or a manifest. output: JSONL of transcripts (stdout if null)."""
+    """
+    checkpoint: a fine-tuned checkpoint directory (or a fine-tuning run's output_dir: its best).
+    input: audio files (comma-separated), a directory, a manifest or a list of paths.
+    output: JSONL of transcripts (standard output if null).
+    decoder: greedy | beam (settings under beam.*).
+    ray_threshold: inputs with more files than this are decoded by Ray Data tasks."""
 
     checkpoint: str
     input: str
     output: Optional[str] = None
     decoder: str = field(default="greedy", metadata={"choices": ["greedy", "beam"]})
     beam: BeamConfig = field(default_factory=BeamConfig)
+    ray_threshold: int = 2000
     data: DataConfig = field(default_factory=DataConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def run(cfg: Config) -> None:
-    raise StageNotBuilt("transcribe")
+def _input_spec(spec: str) -> str | list[str]:
+    """``a.wav,b.wav`` names several inputs; a path that exists (even with a comma) is one."""
+    if "," in spec and not os.path.exists(os.path.expanduser(spec)):
+        return [part.strip() for part in spec.split(",") if part.strip()]
+    return spec
+
+
+def _segment_of(row_id: str, ids: set[str]) -> tuple[str, int]:
+    """(original id, segment number) of a row the batch plan may have cut into ``<id>@<k>`` segments."""
+    if row_id in ids:
+        return row_id, 0
+    base, _, k = row_id.rpartition("@")
+    return base, int(k)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Transcribe ``input``; returns a summary (counts, audio hours, RTF, output path)."""
+    from speech_ssl.asr.recognizer import Recognizer
+    from speech_ssl.data import read_source
+    from speech_ssl.runtime import ray_session
+    from speech_ssl.stages.evaluate import use_ray_for
+
+    recognizer = Recognizer.load(cfg.checkpoint, cfg.decoder, cfg.beam, fallback_text=cfg.data.text)
+    utterances = read_source(_input_spec(cfg.input), cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
+    # Transcripts of a manifest are not needed here, and without them long recordings can be segmented.
+    unlabeled = type(utterances)([dataclasses.replace(u, text=None) for u in utterances], utterances.quarantined)
+    ids = {u.id for u in utterances}
+
+    use_ray = use_ray_for(len(utterances), cfg.ray_threshold, cfg.ray)
+    pieces: dict[str, list[tuple[int, str, float]]] = {}
+    with ray_session(cfg.ray) if use_ray else contextlib.nullcontext():
+        stream = recognizer.batches(unlabeled, cfg.data, use_ray)
+        started = time.perf_counter()
+        for result in recognizer.recognize(stream):
+            base, k = _segment_of(result.id, ids)
+            pieces.setdefault(base, []).append((k, result.text, result.seconds))
+        elapsed = time.perf_counter() - started
+    report = stream.report
+    report.raise_if_nothing_used(cfg.input)
+
+    if cfg.output:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
+    out = open(cfg.output, "w", encoding="utf-8") if cfg.output else sys.stdout
+    audio_seconds = 0.0
+    written = 0
+    try:
+        for utt in utterances:  # input order
+            parts = sorted(pieces.get(utt.id, []))
+            if not parts:
+                continue  # quarantined or filtered: in the report
+            seconds = sum(p[2] for p in parts)
+            text = " ".join(p[1] for p in parts if p[1])
+            out.write(json.dumps({"id": utt.id, "path": utt.source_path, "text": text,
+                                  "duration": round(seconds, 3)}, ensure_ascii=False) + "\n")
+            audio_seconds += seconds
+            written += 1
+    finally:
+        if cfg.output:
+            out.close()
+    summary = {"files": written, "audio_hours": audio_seconds / 3600, "rtf": elapsed / max(audio_seconds, 1e-9),
+               "elapsed_seconds": elapsed, **recognizer.timing, "read": report.read, "used": report.used,
+               "quarantined": report.quarantined, "filtered": report.filtered, "decoder": cfg.decoder,
+               "checkpoint": recognizer.source, "output": cfg.output}
+    if report.entries:
+        where = (cfg.output[: -len(".jsonl")] if cfg.output.endswith(".jsonl") else cfg.output) + ".quarantine.jsonl" \
+            if cfg.output else None
+        if where:
+            summary["quarantine_report"] = report.write_jsonl(where)
+        for e in report.entries[:20]:
+            log.warning("%s %s: %s %s", e["kind"], e["path"], e["reason"], e.get("detail", ""))
+    # With the transcripts on standard output, the counts go to standard error.
+    info = sys.stderr if not cfg.output else sys.stdout
+    print(report.summary_line("transcribe"), file=info)
+    print(json.dumps(summary), file=info, flush=True)
+    return summary

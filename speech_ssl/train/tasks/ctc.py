@@ -8,6 +8,8 @@ CTC with zero_infinity, the loss normalised by the number of utterances (fairseq
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,6 +21,8 @@ from speech_ssl.data import BatchStream, DataConfig, TextNormalizer, Utterance, 
 from speech_ssl.train.task import StepOutput
 from speech_ssl.train.tasks.pretrain import feature_spec_for, use_ray_data
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class CTCConfig:
@@ -28,6 +32,9 @@ class CTCConfig:
     freeze_updates: train only the CTC head for this many updates, then the whole encoder.
     mask_*: time and channel masking applied during fine-tuning (spans of frames / channels).
     layerdrop / final_dropout: regularisation of the Transformer layers and before the head.
+    dropout / attention_dropout / activation_dropout / dropout_input: replace the pretrained model's
+        values, as fairseq's fine-tuning does (its Wav2Vec2AsrConfig: 0 except activation_dropout 0.1 in
+        the published recipes).
     """
 
     freeze_feature_encoder: bool = True
@@ -38,11 +45,17 @@ class CTCConfig:
     mask_channel_length: int = 64
     layerdrop: float = 0.1
     final_dropout: float = 0.0
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.1
+    dropout_input: float = 0.0
 
     def model_overrides(self) -> dict[str, Any]:
         return {"mask_prob": self.mask_prob, "mask_length": self.mask_length,
                 "mask_channel_prob": self.mask_channel_prob, "mask_channel_length": self.mask_channel_length,
-                "layerdrop": self.layerdrop, "final_dropout": self.final_dropout}
+                "layerdrop": self.layerdrop, "final_dropout": self.final_dropout, "dropout": self.dropout,
+                "attention_dropout": self.attention_dropout, "activation_dropout": self.activation_dropout,
+                "dropout_input": self.dropout_input}
 
 
 def input_units(model_config: Any, seconds: float) -> int:
@@ -88,6 +101,7 @@ class CTCTask:
         self.normalizer = TextNormalizer(self.data.text)
         self._streams: dict[str, BatchStream] = {}
         self._model = None
+        self._words: Optional[set[str]] = None
 
     # -- model ---------------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -119,11 +133,12 @@ class CTCTask:
                 "lexicon_words.json": sorted(self._training_words())}
 
     def _training_words(self) -> set[str]:
-        words: set[str] = set()
-        for utt in self.train:
-            if utt.text:
-                words.update(self.normalizer(utt.text).split())
-        return words
+        if self._words is None:
+            self._words = set()
+            for utt in self.train:
+                if utt.text:
+                    self._words.update(self.normalizer(utt.text).split())
+        return self._words
 
     # -- data ----------------------------------------------------------------------------------------
     def _usable(self, utterances: list[Utterance]) -> tuple[list[Utterance], list[tuple[Utterance, str, str]]]:
@@ -155,6 +170,11 @@ class CTCTask:
             if rank == 0:  # counted once, like the stream's own filtered rows
                 for utt, reason, detail in dropped:
                     stream.report.add_filtered(utt.path, reason, detail, utt.id)
+                if dropped:
+                    reasons = Counter(reason for _, reason, _ in dropped)
+                    log.warning("%s data: %d of %d utterances skipped (%s); e.g. %s: %s", split, len(dropped),
+                                len(utterances), ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())),
+                                dropped[0][0].source_path, dropped[0][2])
             self._streams[split] = stream
         return self._streams[split]
 
