@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> Tensor:
-    """A float mask of ``shape``: 1 / (1 - p) with probability 1 - p, else 0 (CPU)."""
+def drop_mask(shape: torch.Size, p: float) -> Tensor:
+    """A BoolTensor of ``shape``, True (dropped) with probability p (CPU)."""
     count = 1
     for size in shape:
         count *= size
@@ -25,8 +25,12 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> Tensor:
     lanes = torch.empty((count + 3) // 4, dtype=torch.int64).random_().view(torch.int16).view(-1, 4)
     low = -32768 + round(p * 65536)
     thresholds = torch.tensor([low, low, low, round(p * 32768)], dtype=torch.int16)
-    keep = (lanes >= thresholds).view(-1)[:count].view(shape)
-    return keep.to(dtype).mul_(1.0 / (1.0 - p))
+    return (lanes < thresholds).view(-1)[:count].view(shape)
+
+
+def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> Tensor:
+    """A float mask of ``shape``: 1 / (1 - p) with probability 1 - p, else 0 (CPU)."""
+    return torch.where(drop_mask(shape, p), 0.0, 1.0 / (1.0 - p)).to(dtype)
 
 
 class _MaskedScale(torch.autograd.Function):
