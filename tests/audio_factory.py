@@ -291,3 +291,16 @@ def make_mixed_manifest(root: Path, good: int = 8, seed: int = 0, labeled: bool 
             row["text"] = toy_text(rng)
         rows.append(row)
     return write_manifest(root / "mixed.jsonl", rows), {f"broken/{n}": BROKEN_EXPECTED[n][0] for n in zoo}
+
+
+def write_arpa(path: Path, word_log10: dict[str, float]) -> Path:
+    """A KenLM-readable ARPA language model over ``word_log10`` (log10 unigram probabilities), written as
+    a bigram model (KenLM wants at least bigrams) whose bigrams after ``<s>`` repeat the unigrams."""
+    unigrams = {"<s>": -99.0, "</s>": -1.0, "<unk>": -5.0, **word_log10}
+    bigrams = {f"<s> {w}": p for w, p in word_log10.items()}
+    lines = ["\\data\\", f"ngram 1={len(unigrams)}", f"ngram 2={len(bigrams)}", "", "\\1-grams:"]
+    lines += [f"{p:.4f}\t{w}\t0.0" for w, p in unigrams.items()]
+    lines += ["", "\\2-grams:"] + [f"{p:.4f}\t{pair}" for pair, p in bigrams.items()] + ["", "\\end\\", ""]
+    path = Path(path)
+    path.write_text("\n".join(lines))
+    return path

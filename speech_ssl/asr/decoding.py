@@ -107,6 +107,7 @@ class BeamSearchDecoder:
             from torchaudio.models.decoder import ctc_decoder
         except ImportError as err:  # pragma: no cover - flashlight-text is in the decode extra
             raise SpeechSSLError("beam search needs flashlight-text: pip install 'speech-ssl[decode]'") from err
+        self.boundary_id = list(tokens).index(word_boundary)
         if kenlm is not None and not Path(kenlm).is_file():
             raise SpeechSSLError(f"beam.kenlm: no KenLM model at {kenlm}")
         try:
@@ -120,8 +121,18 @@ class BeamSearchDecoder:
                                  f"{', KenLM ' + kenlm if kenlm else ''}): {err}") from None
 
     def __call__(self, logits: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> list[str]:
-        emissions = torch.log_softmax(logits.float(), dim=-1).cpu().contiguous()
-        results = self.decoder(emissions, lengths.cpu().int() if lengths is not None else None)
+        emissions = torch.log_softmax(logits.float(), dim=-1).cpu()
+        batch, frames, _ = emissions.shape
+        lengths = torch.full((batch,), frames) if lengths is None else lengths.cpu().long()
+        # The lexicon spells every word with a closing word boundary, but our targets (like transformers')
+        # have no boundary after the last word, so a model never emits one there and the decoder would
+        # drop the last word. One extra frame that is certainly a boundary closes it (fairseq's letter
+        # targets end with "|" for the same reason).
+        closed = torch.cat([emissions, emissions.new_zeros(batch, 1, emissions.shape[2])], dim=1)
+        boundary = torch.full((emissions.shape[2],), -1e4)
+        boundary[self.boundary_id] = 0.0
+        closed[torch.arange(batch), lengths] = boundary
+        results = self.decoder(closed.contiguous(), (lengths + 1).int())
         return [" ".join(w for w in hyp[0].words if w).strip() if hyp else "" for hyp in results]
 
 
