@@ -176,10 +176,15 @@ def hf_step(model, opt, inputs, device, dtype) -> tuple[Callable[[], None], Call
 
 
 def timed(step: Callable[[], dict], device: str) -> tuple[float, dict]:
+    """Wall seconds of one step; info gets "cpu_s": process CPU seconds per torch thread (CPU runs).
+
+    On a shared machine wall time includes time spent waiting for a core; CPU time per thread does
+    not, so it is the steadier figure of the two (it still includes cache and memory contention)."""
     sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     info = step()
     sync(device)
+    info["cpu_s"] = (time.process_time() - cpu_start) / torch.get_num_threads()
     return time.perf_counter() - start, info
 
 
@@ -206,7 +211,7 @@ def compare_base(args, rate: float, dtype: torch.dtype) -> dict:
         except ImportError:
             print("transformers is not installed: comparison skipped")
     for name, run in runs.items():
-        run["times"], run["masked"] = [], []
+        run["times"], run["masked"], run["cpu"] = [], [], []
     for i in range(args.warmup + args.steps):
         for name, run in runs.items():
             if run["prepare"]:
@@ -215,16 +220,23 @@ def compare_base(args, rate: float, dtype: torch.dtype) -> dict:
             if i >= args.warmup:
                 run["times"].append(seconds)
                 run["masked"].append(info["masked"])
-            print(f"  step {i} {name:>12}: {seconds:7.2f} s{'  (warm-up)' if i < args.warmup else ''}", flush=True)
+                run["cpu"].append(info["cpu_s"])
+            print(f"  step {i} {name:>12}: {seconds:7.2f} s wall, {info['cpu_s']:7.2f} s CPU per thread"
+                  f"{'  (warm-up)' if i < args.warmup else ''}", flush=True)
     result = {"audio_seconds_per_step": audio, "model_tflops_per_step": flops / 1e12}
     for name, run in runs.items():
         median = statistics.median(run["times"])
+        cpu = statistics.median(run["cpu"])
         result[name] = {"median_step_s": median, "audio_s_per_s": audio / median,
+                        "median_cpu_s_per_thread": cpu, "audio_s_per_cpu_s": audio / cpu, "cpu_steps": run["cpu"],
                         "mean_step_s": statistics.mean(run["times"]), "steps": run["times"],
                         "masked_frames_mean": statistics.mean(run["masked"]),
                         "model_flops_per_s": flops / median, "fraction_of_matmul_rate": flops / median / rate}
     if "transformers" in result:
         result["speedup"] = result["ours"]["audio_s_per_s"] / result["transformers"]["audio_s_per_s"]
+        result["speedup_cpu_time"] = result["ours"]["audio_s_per_cpu_s"] / result["transformers"]["audio_s_per_cpu_s"]
+        pairs = [t / o for o, t in zip(runs["ours"]["times"], runs["transformers"]["times"])]
+        result["speedup_per_pair"] = pairs
     return result
 
 
@@ -320,11 +332,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         for name in ("ours", "transformers"):
             if name in base:
                 r = base[name]
-                print(f"  {name:>12}: {r['audio_s_per_s']:.2f} audio-s/s (median step {r['median_step_s']:.2f} s), "
-                      f"{r['model_flops_per_s'] / 1e9:.0f} GFLOP/s = {100 * r['fraction_of_matmul_rate']:.0f}% "
+                print(f"  {name:>12}: {r['audio_s_per_s']:.2f} audio-s/s (median step {r['median_step_s']:.2f} s wall, "
+                      f"{r['median_cpu_s_per_thread']:.2f} s CPU per thread: {r['audio_s_per_cpu_s']:.2f} audio-s per "
+                      f"CPU-s), {r['model_flops_per_s'] / 1e9:.0f} GFLOP/s = {100 * r['fraction_of_matmul_rate']:.0f}% "
                       f"of the matmul rate, {r['masked_frames_mean']:.0f} masked frames")
         if "speedup" in base:
-            print(f"  speedup (ours / transformers): {base['speedup']:.2f}x")
+            print(f"  speedup (ours / transformers): {base['speedup']:.2f}x by median wall time, "
+                  f"{base['speedup_cpu_time']:.2f}x by median CPU time; per alternating pair: "
+                  + ", ".join(f"{p:.2f}" for p in base["speedup_per_pair"]))
     for preset in presets:
         if preset == "base":
             continue
