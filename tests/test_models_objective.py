@@ -102,7 +102,8 @@ def test_random_init_loss_sits_near_chance():
     per_frame = out.logs["contrastive"] / out.sample_size
     chance = math.log(model.config.num_negatives + 1)
     assert abs(per_frame - chance) < 0.15 * chance
-    total = out.logs["contrastive"] + out.logs["diversity"] + out.logs["feature_penalty"]
+    total = out.logs["contrastive"] + out.logs["diversity_sum"] + out.logs["feature_penalty_sum"]
+    assert 0 <= out.logs["diversity"] <= 1
     assert abs(float(out.loss_sum.detach()) - total) < 1e-3 * total
     assert abs(float(out.loss.detach()) - float(out.loss_sum.detach()) / out.sample_size) < 1e-6
 

@@ -232,9 +232,11 @@ class Wav2Vec2ForPreTraining(nn.Module):
             else:
                 correct = 0
             logs = {
-                "contrastive": float(contrastive),
-                "diversity": float(diversity_term),
-                "feature_penalty": float(penalty_term),
+                "contrastive": float(contrastive),  # sums over masked frames: they add up to loss_sum
+                "diversity_sum": float(diversity_term),
+                "feature_penalty_sum": float(penalty_term),
+                "diversity": float(quant.diversity),  # this batch's raw values (average them)
+                "feature_penalty": float(feats.feature_penalty),
                 "correct": float(correct),
                 "count": float(num_masked),
                 "code_perplexity": float(quant.code_perplexity),
