@@ -49,6 +49,67 @@ LAYERS = {"base": [12, 6], "tiny": [4]}
 
 
 # ---------------------------------------------------------------------------------------------------
+# Measuring a process tree
+# ---------------------------------------------------------------------------------------------------
+
+class TreeUsage:
+    """Peak memory (bench_ingest.TreeMemory) plus the CPU seconds of this process and every descendant,
+    sampled every ``interval`` seconds so that processes that exit before the end (Ray's workers, raylet
+    and GCS are gone once ``run`` returns) still count, up to their last sample."""
+
+    def __init__(self, interval: float = 0.2):
+        import threading
+
+        from bench_ingest import TreeMemory
+
+        self.memory = TreeMemory(interval=0.25)
+        self.interval = interval
+        self._cpu: dict[int, float] = {}
+        self._start: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _cpu_seconds(pid: int) -> float:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, IndexError, ValueError):
+            return -1.0
+
+    def _sample(self) -> None:
+        from bench_ingest import _tree
+
+        for pid in _tree(os.getpid()):
+            value = self._cpu_seconds(pid)
+            if value >= 0:
+                self._start.setdefault(pid, value if pid == os.getpid() else 0.0)
+                self._cpu[pid] = value
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "TreeUsage":
+        self._sample()
+        self.memory.__enter__()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join()
+        self.memory.__exit__(*exc)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(v - self._start.get(pid, 0.0) for pid, v in self._cpu.items())
+
+
+# ---------------------------------------------------------------------------------------------------
 # Children (one configuration each, in a fresh process)
 # ---------------------------------------------------------------------------------------------------
 
@@ -77,12 +138,11 @@ def child_hf(workdir: str, model: str, layer: int) -> dict:
     import torch
     import torchaudio
     import transformers
-    from bench_ingest import TreeMemory, tree_cpu_seconds
 
     transformers.logging.set_verbosity_error()
     rows = [json.loads(line) for line in open(Path(workdir) / "subset.jsonl")]
-    with TreeMemory() as mem:
-        t0, c0 = time.perf_counter(), tree_cpu_seconds()
+    with TreeUsage() as usage:
+        t0 = time.perf_counter()
         directory = Path(workdir) / f"hf_{model}"
         hf = transformers.Wav2Vec2Model.from_pretrained(directory).eval()
         extractor = transformers.Wav2Vec2FeatureExtractor.from_pretrained(directory)
@@ -101,16 +161,16 @@ def child_hf(workdir: str, model: str, layer: int) -> dict:
                     emb = hf(inputs, output_hidden_states=True).hidden_states[layer][0].numpy().copy()
             kept += emb.shape[0] > 0
             seconds += len(wave) / 16000
-        wall, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0
+        wall = time.perf_counter() - t0
+    mem = usage.memory
     return {"run": f"hf {model} layer {layer}", "audio_s": seconds, "wall_s": wall, "rate": seconds / wall,
-            "cpu_rate": seconds / cpu, "peak_pss_mb": mem.peak_pss / 1024, "peak_rss_mb": mem.peak_rss / 1024,
+            "cpu_rate": seconds / usage.cpu_seconds, "peak_pss_mb": mem.peak_pss / 1024,
+            "peak_rss_mb": mem.peak_rss / 1024,
             "threads": torch.get_num_threads(), "utterances": kept}
 
 
-def child_ours(workdir: str, model: str, layer: int, cpus: int, batch_seconds: float) -> dict:
+def child_ours(workdir: str, model: str, layer: int, cpus: int, batch_seconds: float, actors: int) -> dict:
     import shutil
-
-    from bench_ingest import TreeMemory, tree_cpu_seconds
 
     from speech_ssl.data import DataConfig
     from speech_ssl.runtime import RayConfig
@@ -120,16 +180,18 @@ def child_ours(workdir: str, model: str, layer: int, cpus: int, batch_seconds: f
     shutil.rmtree(out, ignore_errors=True)
     cfg = Config(checkpoint=str(Path(workdir) / f"ours_{model}"), input=str(Path(workdir) / "subset.jsonl"),
                  output=str(out), layers=[layer], pooling="none", dtype="float32", progress_seconds=30,
+                 num_actors=actors or None,
                  data=DataConfig(shuffle=False, batch_seconds=batch_seconds),
                  ray=RayConfig(num_cpus=cpus, include_dashboard=False, object_store_memory_mb=400))
-    with TreeMemory() as mem:
-        t0, c0 = time.perf_counter(), tree_cpu_seconds()
+    with TreeUsage() as usage:
+        t0 = time.perf_counter()
         summary = run(cfg)
-        wall, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0
+        wall = time.perf_counter() - t0
+    mem = usage.memory
     seconds = summary["audio_hours"]["this_run"] * 3600
     shutil.rmtree(out, ignore_errors=True)
     return {"run": f"ours {model} layer {layer}", "audio_s": seconds, "wall_s": wall, "rate": seconds / wall,
-            "cpu_rate": seconds / cpu, "embed_s": summary["this_run"]["embed_seconds"],
+            "cpu_rate": seconds / usage.cpu_seconds, "embed_s": summary["this_run"]["embed_seconds"],
             "padding_waste": summary["this_run"]["padding_waste"], "peak_pss_mb": mem.peak_pss / 1024,
             "peak_rss_mb": mem.peak_rss / 1024, "utterances": summary["counts"]["embedded_this_run"],
             "placement": summary["this_run"]["placement"]}
@@ -243,8 +305,13 @@ def main() -> None:
     parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST))
     parser.add_argument("--hours", type=float, default=0.1, help="random subset of this many hours (0: all)")
     parser.add_argument("--models", nargs="+", default=["base", "tiny"], choices=list(LAYERS))
+    parser.add_argument("--layers", type=int, nargs="+", help="only these layers (default: last, and middle for base)")
+    parser.add_argument("--sides", nargs="+", default=["hf", "ours"], choices=["hf", "ours"])
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the embedded Ray")
     parser.add_argument("--batch-seconds", type=float, default=40.0)
+    parser.add_argument("--actors", type=int, default=0, help="model actors (0: the command's default)")
+    parser.add_argument("--trials", type=int, default=2,
+                        help="interleaved runs of each side; the best rate counts (other people's load only slows)")
     # GPU mode
     parser.add_argument("--gpu", action="store_true", help="measure the Ray-free Embedder on pre-decoded audio")
     parser.add_argument("--device", default="cuda")
@@ -275,7 +342,7 @@ def main() -> None:
         print(json.dumps(child_hf(args.workdir, args.model, args.layer)))
         return
     if args.child == "ours":
-        print(json.dumps(child_ours(args.workdir, args.model, args.layer, args.cpus, args.batch_seconds)))
+        print(json.dumps(child_ours(args.workdir, args.model, args.layer, args.cpus, args.batch_seconds, args.actors)))
         return
     if args.child == "decode":
         print(json.dumps(child_decode(args.workdir)))
@@ -294,23 +361,32 @@ def main() -> None:
     results["decode"] = decode
     print(f"{decode['run']}: {decode['rate_per_core']:.0f} audio-s per CPU-s", flush=True)
     for model in args.models:
-        for layer in LAYERS[model]:
-            pair = {}
-            for side in ("hf", "ours"):
-                res = _child(["--child", side, "--workdir", workdir, "--model", model, "--layer", str(layer),
-                              "--cpus", str(args.cpus), "--batch-seconds", str(args.batch_seconds)])
-                res["load"] = os.getloadavg()[0]
-                pair[side] = res
-                extra = (f", padding {100 * res['padding_waste']:.1f}%, pipeline {res['embed_s']:.1f} s"
-                         if side == "ours" else "")
-                print(f"{res['run']}: {res['audio_s']:.0f} audio-s in {res['wall_s']:.1f} s = {res['rate']:.2f} "
-                      f"audio-s/s ({res['cpu_rate']:.2f} per CPU-s){extra}; peak memory {res['peak_pss_mb']:.0f} MB "
-                      f"PSS ({res['peak_rss_mb']:.0f} MB RSS); load {res['load']:.1f}", flush=True)
-            ratio = pair["ours"]["rate"] / pair["hf"]["rate"]
-            cpu_ratio = pair["ours"]["cpu_rate"] / pair["hf"]["cpu_rate"]
-            print(f"==> {model} layer {layer}: ours / transformers loop = {ratio:.2f}x wall ({cpu_ratio:.2f}x per "
-                  f"CPU-s)", flush=True)
-            results["runs"].append({"model": model, "layer": layer, "ratio": ratio, "cpu_ratio": cpu_ratio, **pair})
+        for layer in [l for l in LAYERS[model] if not args.layers or l in args.layers]:
+            trials: dict[str, list[dict]] = {side: [] for side in args.sides}
+            for _ in range(args.trials):
+                for side in args.sides:
+                    load = os.getloadavg()[0]
+                    res = _child(["--child", side, "--workdir", workdir, "--model", model, "--layer", str(layer),
+                                  "--cpus", str(args.cpus), "--batch-seconds", str(args.batch_seconds),
+                                  "--actors", str(args.actors)])
+                    res["load_before"], res["load_after"] = load, os.getloadavg()[0]
+                    trials[side].append(res)
+                    extra = (f", padding {100 * res['padding_waste']:.1f}%, pipeline {res['embed_s']:.1f} s"
+                             if side == "ours" else "")
+                    print(f"{res['run']}: {res['audio_s']:.0f} audio-s in {res['wall_s']:.1f} s = {res['rate']:.2f} "
+                          f"audio-s/s ({res['cpu_rate']:.2f} per CPU-s){extra}; peak memory "
+                          f"{res['peak_pss_mb']:.0f} MB PSS ({res['peak_rss_mb']:.0f} MB RSS); load "
+                          f"{res['load_before']:.1f} -> {res['load_after']:.1f}", flush=True)
+            best = {side: max(runs, key=lambda r: r["rate"]) for side, runs in trials.items()}
+            if len(best) < 2:
+                results["runs"].append({"model": model, "layer": layer, "best": best, "trials": trials})
+                continue
+            ratio = best["ours"]["rate"] / best["hf"]["rate"]
+            cpu_ratio = (max(r["cpu_rate"] for r in trials["ours"]) / max(r["cpu_rate"] for r in trials["hf"]))
+            print(f"==> {model} layer {layer}: ours / transformers loop = {ratio:.2f}x wall (best of "
+                  f"{args.trials}; {cpu_ratio:.2f}x per CPU-s)", flush=True)
+            results["runs"].append({"model": model, "layer": layer, "ratio": ratio, "cpu_ratio": cpu_ratio,
+                                    "best": best, "trials": trials})
     results["load_after"] = os.getloadavg()
     print(f"load average after: {os.getloadavg()}")
     print(json.dumps(results))
