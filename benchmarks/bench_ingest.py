@@ -6,10 +6,11 @@ hands them to this process as tensors, as a training worker receives them.
 
 Figures, side by side in one run (each Ray configuration in a fresh subprocess with its own Ray):
 
-* ``plain``: a for-loop over the files in this process (soundfile + torchaudio only, none of our code),
-  with torch's default threads, and with one thread;
+* ``plain``: a for-loop over the files in one process (soundfile + torchaudio only, none of our code),
+  with one torch thread (the reference; ``--default-threads`` adds torch's default);
 * ``ray N cpu``: ``BatchStream(use_ray=True)`` on a local Ray of N CPUs; epoch 0 (cold: worker processes
   start and import torch) and epoch 1 (warm: what every later epoch of a training run costs);
+* audio-s per CPU-second of the whole process tree (load-independent: what the work costs);
 * peak memory of each run: the whole process tree (driver, GCS, raylet, workers), summed PSS (each shared
   page counted once) and summed RSS (shared pages counted in every process);
 * optionally (``--train-rate``) what one training worker consumes: audio-s/s of forward + backward of the
@@ -72,21 +73,42 @@ def _mem_kb(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
-class TreeMemory:
-    """Samples the summed PSS/RSS of this process and all its descendants every ``interval`` seconds."""
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds used so far by this process and its live descendants (load-independent)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in _tree(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
 
-    def __init__(self, interval: float = 0.25):
+
+class TreeMemory:
+    """Samples the summed PSS/RSS of this process and all its descendants every ``interval`` seconds.
+
+    Reading smaps_rollup costs the kernel tens of ms per sweep: the sampler's own CPU time is kept in
+    ``cpu_seconds`` so that it can be left out of the run's CPU figures.
+    """
+
+    def __init__(self, interval: float = 1.0):
         self.interval, self.peak_pss, self.peak_rss = interval, 0, 0
+        self.cpu_seconds = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            t0 = time.thread_time()
             pss = rss = 0
             for pid in _tree(os.getpid()):
                 p, r = _mem_kb(pid)
                 pss, rss = pss + p, rss + r
             self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
+            self.cpu_seconds += time.thread_time() - t0
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "TreeMemory":
@@ -132,7 +154,7 @@ def run_plain(manifest: str, hours: float, threads: int | None) -> dict:
     utts = load_subset(manifest, hours)
     seconds = 0.0
     with TreeMemory() as mem:
-        t0 = time.perf_counter()
+        t0, c0, m0 = time.perf_counter(), tree_cpu_seconds(), mem.cpu_seconds
         for u in utts:
             samples, rate = sf.read(u.path, dtype="float32", always_2d=True)
             wave = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1)))
@@ -142,9 +164,10 @@ def run_plain(manifest: str, hours: float, threads: int | None) -> dict:
                 torchaudio.compliance.kaldi.fbank(wave[None] * 32768, num_mel_bins=80, sample_frequency=16000,
                                                   dither=0.0)
             seconds += u.duration
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0 - (mem.cpu_seconds - m0)
     return {"run": f"plain ({torch.get_num_threads()} torch threads)", "audio_s": seconds, "wall_s": wall,
-            "rate": seconds / wall, "peak_pss_mb": mem.peak_pss / 1024, "peak_rss_mb": mem.peak_rss / 1024}
+            "rate": seconds / wall, "cpu_rate": seconds / cpu, "peak_pss_mb": mem.peak_pss / 1024,
+            "peak_rss_mb": mem.peak_rss / 1024}
 
 
 def run_ray(manifest: str, hours: float, cpus: int, batch_seconds: float, epochs: int,
@@ -164,15 +187,15 @@ def run_ray(manifest: str, hours: float, cpus: int, batch_seconds: float, epochs
                              use_ray=True)
         for epoch in range(epochs):
             seconds, batches = 0.0, 0
-            t0 = time.perf_counter()
+            t0, c0, m0 = time.perf_counter(), tree_cpu_seconds(), mem.cpu_seconds
             for batch in stream.iter_epoch(epoch):
                 seconds += sum(duration[i] for i in batch.ids)
                 batches += 1
                 if consumer_rate:  # a training worker that needs this long for the batch
                     time.sleep(max(0.0, seconds / consumer_rate - (time.perf_counter() - t0)))
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0 - (mem.cpu_seconds - m0)
             results["epochs"].append({"epoch": epoch, "audio_s": seconds, "wall_s": wall, "rate": seconds / wall,
-                                      "batches": batches})
+                                      "cpu_rate": seconds / cpu, "batches": batches})
         results["padding_waste"] = stream.report.padding_waste
         results["report"] = stream.report.summary_line("bench")
         ray.shutdown()
@@ -222,6 +245,8 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-seconds", type=float, default=40.0)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--default-threads", action="store_true",
+                        help="also run the plain loop with torch's default threads (slow when the machine is busy)")
     parser.add_argument("--train-rate", action="store_true", help="also measure the tiny model's consumption")
     parser.add_argument("--consumer-rate", type=float, default=0.0,
                         help="also run 2 CPUs with a consumer that takes this many audio-s/s (memory stays bounded)")
@@ -245,12 +270,13 @@ def main() -> None:
         return
     common = ["--manifest", args.manifest, "--hours", str(args.hours)]
     print(f"load average before: {os.getloadavg()}; {os.cpu_count()} CPUs", flush=True)
-    plain = _child(["--child", "plain", *common])
-    plain1 = _child(["--child", "plain", "--threads", "1", *common])
-    rows = [plain, plain1]
-    print(f"{plain['run']}: {plain['audio_s']:.0f} audio-s in {plain['wall_s']:.1f} s = {plain['rate']:.0f} "
-          f"audio-s/s; peak {plain['peak_pss_mb']:.0f} MB PSS", flush=True)
-    print(f"{plain1['run']}: {plain1['rate']:.0f} audio-s/s", flush=True)
+    # The reference is the plain loop on one thread (one CPU's worth of work, and stable on a shared machine:
+    # torch's two-thread fbank collapses when another process holds a core).
+    plain = _child(["--child", "plain", "--threads", "1", *common])
+    rows = [plain] + ([_child(["--child", "plain", *common])] if args.default_threads else [])
+    for r in rows:
+        print(f"{r['run']}: {r['audio_s']:.0f} audio-s in {r['wall_s']:.1f} s = {r['rate']:.0f} audio-s/s "
+              f"({r['cpu_rate']:.0f} audio-s per CPU-s); peak {r['peak_pss_mb']:.0f} MB PSS", flush=True)
     runs = [(cpus, 0.0) for cpus in args.cpus] + ([(2, args.consumer_rate)] if args.consumer_rate else [])
     for cpus, rate in runs:
         res = _child(["--child", "ray", "--cpus", str(cpus), "--batch-seconds", str(args.batch_seconds),
@@ -259,10 +285,14 @@ def main() -> None:
         for e in res["epochs"]:
             print(f"{res['run']}, epoch {e['epoch']} ({'cold' if e['epoch'] == 0 else 'warm'}): "
                   f"{e['audio_s']:.0f} audio-s in {e['wall_s']:.1f} s = {e['rate']:.0f} audio-s/s = "
-                  f"{e['rate'] / plain['rate']:.2f}x plain ({e['rate'] / plain1['rate']:.2f}x plain-1-thread)",
-                  flush=True)
+                  f"{e['rate'] / plain['rate']:.2f}x plain ({e['cpu_rate']:.0f} audio-s per CPU-s of the whole "
+                  f"process tree = {e['cpu_rate'] / plain['cpu_rate']:.2f}x plain's)", flush=True)
         print(f"  peak memory of the whole run: {res['peak_pss_mb']:.0f} MB PSS ({res['peak_rss_mb']:.0f} MB "
               f"summed RSS); padding waste {100 * res['padding_waste']:.1f}%; {res['report']}", flush=True)
+    again = _child(["--child", "plain", "--threads", "1", *common])  # load on a shared machine drifts
+    rows.append(again)
+    print(f"{again['run']}, again after the Ray runs: {again['rate']:.0f} audio-s/s "
+          f"({again['rate'] / plain['rate']:.2f}x the first: the drift of the machine's load)", flush=True)
     if args.train_rate:
         train = _child(["--child", "train"])
         rows.append(train)
