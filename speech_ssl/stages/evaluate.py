@@ -86,6 +86,7 @@ def run(cfg: Config) -> dict[str, Any]:
     recognizer.normalizer.check(u.text for u in utterances)
 
     use_ray = use_ray_for(len(utterances), cfg.ray_threshold, cfg.ray)
+    durations = {u.id: u.duration for u in utterances}  # manifest or header durations (model frames round down)
     rows: dict[str, dict[str, Any]] = {}
     totals = {k: 0 for k in COUNT_KEYS}
     empty_refs = 0
@@ -100,7 +101,7 @@ def run(cfg: Config) -> dict[str, Any]:
             else:
                 for k in COUNT_KEYS:
                     totals[k] += errors[k]
-            audio_seconds += result.seconds
+            audio_seconds += durations.get(result.id, result.seconds)
             rows[result.id] = {"id": result.id, "path": result.path, "ref": result.reference, "hyp": result.text,
                                **(errors or {k: None for k in COUNT_KEYS})}
         elapsed = time.perf_counter() - started

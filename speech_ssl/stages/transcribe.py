@@ -98,7 +98,7 @@ def run(cfg: Config) -> dict[str, Any]:
             parts = sorted(pieces.get(utt.id, []))
             if not parts:
                 continue  # quarantined or filtered: in the report
-            seconds = sum(p[2] for p in parts)
+            seconds = utt.duration if utt.duration else sum(p[2] for p in parts)
             text = " ".join(p[1] for p in parts if p[1])
             out.write(json.dumps({"id": utt.id, "path": utt.source_path, "text": text,
                                   "duration": round(seconds, 3)}, ensure_ascii=False) + "\n")
