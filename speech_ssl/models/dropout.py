@@ -2,9 +2,8 @@
 
 ``torch.nn.Dropout`` on the CPU draws one Bernoulli sample per element, about half of the cost of
 dropout on the attention probabilities of a BASE model. Here one 64-bit draw from torch's global
-generator (``Tensor.random_``) yields four lanes (three of 16 bits, one of 15), each compared with a
-threshold: the keep probability is ``1 - p`` rounded to a multiple of 2^-16 (2^-15 for every fourth
-element; |error| < 2e-5), and kept values are scaled by
+generator (``Tensor.random_``) yields four 16-bit lanes, each compared with one threshold: the drop
+probability is ``p`` rounded to a multiple of 2^-15 (|error| <= 1.6e-5), and kept values are scaled by
 ``1 / (1 - p)`` exactly as ``nn.Dropout`` does. The randomness still comes only from torch's global RNG,
 so saving and restoring ``torch.get_rng_state()`` reproduces it.
 """
@@ -17,15 +16,15 @@ from torch import Tensor, nn
 
 
 def drop_mask(shape: torch.Size, p: float) -> Tensor:
-    """A BoolTensor of ``shape``, True (dropped) with probability p (CPU)."""
+    """A BoolTensor of ``shape``, True (dropped) with probability p rounded to a multiple of 2^-15 (CPU)."""
     count = 1
     for size in shape:
         count *= size
-    # Tensor.random_() on int64 gives 63 random bits: lanes 0-2 are uniform 16-bit, lane 3 uniform 15-bit.
-    lanes = torch.empty((count + 3) // 4, dtype=torch.int64).random_().view(torch.int16).view(-1, 4)
-    low = -32768 + round(p * 65536)
-    thresholds = torch.tensor([low, low, low, round(p * 32768)], dtype=torch.int16)
-    return (lanes < thresholds).view(-1)[:count].view(shape)
+    # Tensor.random_() on int64 gives 63 random bits; shifted left by one, its four 16-bit lanes are
+    # uniform (the lowest lane over even values only, hence a threshold that is a multiple of 2).
+    words = torch.empty((count + 3) // 4, dtype=torch.int64).random_().bitwise_left_shift_(1)
+    threshold = -32768 + 2 * round(p * 32768)
+    return (words.view(torch.int16)[:count] < threshold).view(shape)
 
 
 def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speech_ssl.models.config import ModelConfig
-from speech_ssl.models.dropout import Dropout, drop_mask
+from speech_ssl.models.dropout import Dropout, drop_mask, keep_mask
 
 
 class ConvPositionalEmbedding(nn.Module):
@@ -50,13 +50,50 @@ class ConvPositionalEmbedding(nn.Module):
         return F.gelu(y).transpose(1, 2)
 
 
+class _DropoutAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + mask) with dropout, times v, for CPU training. qkv [3, B*H, T, hd] -> [B*H, T, hd].
+
+    The same arithmetic as SDPA's math path (which torch takes on the CPU whenever dropout is on), with
+    a hand-written backward that makes fewer passes over the [B*H, T, T] probabilities, keeps only the
+    probabilities and a boolean drop mask for backward, and writes dq, dk, dv into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, key_mask: Optional[Tensor], p: float) -> Tensor:  # type: ignore[override]
+        q, k, v = qkv.unbind(0)
+        scale = q.shape[-1] ** -0.5
+        scores = torch.baddbmm(q.new_empty(()), q, k.transpose(1, 2), beta=0.0, alpha=scale)
+        if key_mask is not None:  # [B*H, 1, T] True = padding
+            scores.masked_fill_(key_mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        drop = drop_mask(probs.shape, p)
+        out = torch.bmm(torch.where(drop, 0.0, probs), v).mul_(1.0 / (1.0 - p))
+        ctx.save_for_backward(qkv, probs, drop)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        qkv, probs, drop = ctx.saved_tensors
+        q, k, v = qkv.unbind(0)
+        scale = q.shape[-1] ** -0.5
+        grad = grad.mul(1.0 / (1.0 - ctx.p))
+        kept = torch.where(drop, 0.0, probs)
+        grad_qkv = torch.empty_like(qkv)
+        torch.bmm(kept.transpose(1, 2), grad, out=grad_qkv[2])  # dv
+        grad_probs = torch.where(drop, 0.0, torch.bmm(grad, v.transpose(1, 2)))  # through the dropout
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        torch.bmm(grad_scores, k, out=grad_qkv[0]).mul_(scale)  # dq
+        torch.bmm(grad_scores.transpose(1, 2), q, out=grad_qkv[1]).mul_(scale)  # dk
+        return grad_qkv, None, None
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention. [B, T, D] -> [B, T, D]; q, k, v from one fused projection.
 
-    Without attention dropout (eval, or p = 0) this is ``scaled_dot_product_attention``. With it, the
-    same arithmetic is spelled out (scores, softmax, dropout, weighted sum): torch's SDPA falls back to
-    that path anyway when dropout is on, and spelling it out lets the probabilities use our cheaper
-    dropout and the heads be laid out with one copy.
+    Without attention dropout (eval, or p = 0) this is ``scaled_dot_product_attention``. With it on the
+    CPU it is ``_DropoutAttention`` (SDPA's math path, written out with cheaper dropout masks).
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float):
@@ -70,24 +107,17 @@ class SelfAttention(nn.Module):
         batch, time, dim = x.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         qkv = self.qkv_proj(x).view(batch, time, 3, heads, head_dim)
-        if not (self.training and self.dropout > 0):
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, head_dim]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, batch * heads, time, head_dim).unbind(0)
-        scores = torch.bmm(q * head_dim ** -0.5, k.transpose(1, 2))  # [B*H, T, T]
-        if attn_mask is not None:
-            scores = scores.view(batch, heads, time, time).masked_fill(~attn_mask, float("-inf"))
-            scores = scores.view(batch * heads, time, time)
-        probs = torch.softmax(scores, dim=-1)
-        if x.device.type == "cpu" and self.dropout < 1.0:
-            # Dropout on the probabilities with the 1 / (1 - p) rescaling moved onto the (T / head_dim
-            # times smaller) output: the same values, two fewer passes over [B*H, T, T].
-            probs = probs.masked_fill(drop_mask(probs.shape, self.dropout), 0.0)
-            y = torch.bmm(probs, v).mul_(1.0 / (1.0 - self.dropout))
+        dropout_on = self.training and self.dropout > 0
+        if dropout_on and x.device.type == "cpu" and self.dropout < 1.0:
+            qkv = qkv.permute(2, 0, 3, 1, 4).reshape(3, batch * heads, time, head_dim)  # one copy
+            key_mask = None
+            if attn_mask is not None:  # [B, 1, 1, T] True = attend -> [B*H, 1, T] True = padding
+                key_mask = (~attn_mask).expand(batch, heads, 1, time).reshape(batch * heads, 1, time)
+            y = _DropoutAttention.apply(qkv, key_mask, self.dropout).view(batch, heads, time, head_dim)
         else:
-            y = torch.bmm(F.dropout(probs, self.dropout, True), v)
-        y = y.view(batch, heads, time, head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, head_dim]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.dropout if dropout_on else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
 
 
@@ -121,12 +151,19 @@ class TransformerLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.dropout)
 
+    def residual(self, x: Tensor, branch: Tensor) -> Tensor:
+        """x + dropout(branch), in one pass on the CPU (addcmul with the scaled keep mask)."""
+        p = self.dropout.p
+        if self.training and p > 0 and x.device.type == "cpu" and p < 1.0:
+            return torch.addcmul(x, branch, keep_mask(branch.shape, p, branch.dtype))
+        return x + self.dropout(branch)
+
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         if self.layer_norm_first:
-            x = x + self.dropout(self.attention(self.attention_norm(x), attn_mask))
-            return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.attention_norm(x + self.dropout(self.attention(x, attn_mask)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+            x = self.residual(x, self.attention(self.attention_norm(x), attn_mask))
+            return self.residual(x, self.ffn(self.ffn_norm(x)))
+        x = self.attention_norm(self.residual(x, self.attention(x, attn_mask)))
+        return self.ffn_norm(self.residual(x, self.ffn(x)))
 
 
 def init_bert_params(module: nn.Module) -> None:
