@@ -239,6 +239,25 @@ def test_freeze_schedule_resume_and_skipped_transcripts(ray_local, small, tmp_pa
     assert all(math.isfinite(m["valid_loss"]) for m in metrics if m["split"] == "valid")
 
 
+def test_init_from_a_transformers_directory(small, tmp_path):
+    """``init`` may be a transformers model directory: the CTC model starts from its encoder weights."""
+    from speech_ssl.data import DataConfig, Vocabulary
+    from speech_ssl.models import export_hf, load
+    from speech_ssl.train.tasks.ctc import CTCTask
+
+    source = load(small["init"])
+    export_hf(source, tmp_path / "hf")
+    vocab = Vocabulary.build(["AB CD"])
+    task = CTCTask(init=str(tmp_path / "hf"), model="tiny", data=DataConfig(), train=[], valid=None, vocab=vocab,
+                   ctc=CTCConfig(mask_prob=0.3))
+    model = task.build_model()
+    assert model.vocab_size == len(vocab) and model.config.mask_prob == 0.3 and model.config.dropout == 0.0
+    theirs = source.encoder.state_dict()
+    for key, value in model.encoder.state_dict().items():
+        torch.testing.assert_close(value, theirs[key], atol=1e-6, rtol=0, msg=key)
+    assert not any(p.requires_grad for p in model.encoder.feature_encoder.parameters())
+
+
 # ---------------------------------------------------------------------------------------------------
 # bad transcripts that stop a run (before Ray or any worker starts)
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import queue
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,43 @@ def read_lexicon_words(directory: Path) -> Optional[list[str]]:
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise SpeechSSLError(f"{path}: expected a JSON list of words")
     return words
+
+
+def prefetch(items: Iterator, depth: int) -> Iterator:
+    """``items`` produced by a background thread, at most ``depth`` ahead (decoding with soundfile and
+    torch releases the GIL, so it overlaps the forward pass). Exceptions surface in the consumer."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(("done", done))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            slots.put(("error", err))
+
+    worker = threading.Thread(target=produce, name="speech-ssl-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join(timeout=5)
 
 
 @dataclass
@@ -153,9 +192,11 @@ class Recognizer:
 
     def recognize(self, stream: BatchStream) -> Iterator[Transcript]:
         """One Transcript per usable utterance of ``stream``'s first epoch (quarantined rows are in
-        ``stream.report``)."""
+        ``stream.report``). In-process streams decode the next batches in a thread while the model runs."""
         unit = stream.spec.unit_seconds
         batches = stream.iter_epoch(0)
+        if not stream.use_ray:
+            batches = prefetch(batches, max(1, stream.cfg.prefetch_batches))
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)

@@ -67,6 +67,15 @@ def use_ray_for(count: int, threshold: int, ray_cfg: RayConfig) -> bool:
     return count > threshold or resolve_address(ray_cfg) is not None
 
 
+def progress_bar(total: int, stage: str):
+    """A tqdm bar on standard error for inputs large enough to take a while (standard output stays clean)."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=stage, unit="utt", file=sys.stderr, mininterval=5.0, disable=total < 500)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Score the checkpoint on ``data.test``; prints and returns the results object."""
     from speech_ssl.asr.recognizer import Recognizer
@@ -93,8 +102,10 @@ def run(cfg: Config) -> dict[str, Any]:
     audio_seconds = 0.0
     with ray_session(cfg.ray) if use_ray else contextlib.nullcontext():
         stream = recognizer.batches(utterances, cfg.data, use_ray)
+        bar = progress_bar(len(stream.rows), "evaluate")
         started = time.perf_counter()
         for result in recognizer.recognize(stream):
+            bar.update(1)
             errors = utterance_errors(result.reference or "", result.text)
             if errors is None:
                 empty_refs += 1
@@ -105,6 +116,7 @@ def run(cfg: Config) -> dict[str, Any]:
             rows[result.id] = {"id": result.id, "path": result.path, "ref": result.reference, "hyp": result.text,
                                **(errors or {k: None for k in COUNT_KEYS})}
         elapsed = time.perf_counter() - started
+        bar.close()
     report = stream.report
     report.raise_if_nothing_used(cfg.data.test)
 

@@ -68,7 +68,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from speech_ssl.asr.recognizer import Recognizer
     from speech_ssl.data import read_source
     from speech_ssl.runtime import ray_session
-    from speech_ssl.stages.evaluate import use_ray_for
+    from speech_ssl.stages.evaluate import progress_bar, use_ray_for
 
     recognizer = Recognizer.load(cfg.checkpoint, cfg.decoder, cfg.beam, fallback_text=cfg.data.text)
     utterances = read_source(_input_spec(cfg.input), cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
@@ -80,11 +80,14 @@ def run(cfg: Config) -> dict[str, Any]:
     pieces: dict[str, list[tuple[int, str, float]]] = {}
     with ray_session(cfg.ray) if use_ray else contextlib.nullcontext():
         stream = recognizer.batches(unlabeled, cfg.data, use_ray)
+        bar = progress_bar(len(stream.rows), "transcribe")
         started = time.perf_counter()
         for result in recognizer.recognize(stream):
+            bar.update(1)
             base, k = _segment_of(result.id, ids)
             pieces.setdefault(base, []).append((k, result.text, result.seconds))
         elapsed = time.perf_counter() - started
+        bar.close()
     report = stream.report
     report.raise_if_nothing_used(cfg.input)
 
@@ -112,10 +115,9 @@ def run(cfg: Config) -> dict[str, Any]:
                "quarantined": report.quarantined, "filtered": report.filtered, "decoder": cfg.decoder,
                "checkpoint": recognizer.source, "output": cfg.output}
     if report.entries:
-        where = (cfg.output[: -len(".jsonl")] if cfg.output.endswith(".jsonl") else cfg.output) + ".quarantine.jsonl" \
-            if cfg.output else None
-        if where:
-            summary["quarantine_report"] = report.write_jsonl(where)
+        if cfg.output:
+            stem = cfg.output[: -len(".jsonl")] if cfg.output.endswith(".jsonl") else cfg.output
+            summary["quarantine_report"] = report.write_jsonl(stem + ".quarantine.jsonl")
         for e in report.entries[:20]:
             log.warning("%s %s: %s %s", e["kind"], e["path"], e["reason"], e.get("detail", ""))
     # With the transcripts on standard output, the counts go to standard error.
