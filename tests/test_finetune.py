@@ -150,7 +150,7 @@ def test_transcribe_through_ray_data_with_long_and_broken_files(trained, toy, gr
     out = tmp_path / "transcripts.jsonl"
     # ray_threshold=0: decoded by Ray Data tasks (evaluate above decoded in-process): the same transcripts
     summary = transcribe.run(transcribe.Config(
-        checkpoint=str(trained), input=f"{toy['root'] / 'test'},{extra}", output=str(out), ray_threshold=0,
+        checkpoint=str(trained), input=[str(toy["root"] / "test"), str(extra)], output=str(out), ray_threshold=0,
         data=transcribe.DataConfig(segment_duration=segment)))
     lines = {json.loads(line)["id"]: json.loads(line) for line in out.read_text().splitlines()}
     assert summary["files"] == 17 and summary["quarantined"] == 1

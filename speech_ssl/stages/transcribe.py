@@ -1,10 +1,11 @@
 """``speech-ssl transcribe``: transcripts for new audio with a fine-tuned CTC checkpoint.
 
-``input`` is anything the data layer reads: audio files (comma-separated), a directory (scanned
-recursively), a JSONL or TSV manifest or a list of paths, local or URIs. Audio is batched by length
-(padded batches of ``data.batch_seconds``); recordings longer than ``data.segment_duration`` are cut
-into equal segments whose transcripts are joined again. Inputs above ``ray_threshold`` files are
-decoded by Ray Data tasks (an embedded Ray, or ``ray.address``) while the model runs here.
+``input`` is anything the data layer reads: an audio file, a directory (scanned recursively), a JSONL or
+TSV manifest or a text file of paths, local or URIs, or a list of those (``input=[a.wav,more/]``). Audio
+is batched by length (padded batches of ``data.batch_seconds``); recordings longer than
+``data.segment_duration`` are cut into equal segments whose transcripts are joined again. Inputs above
+``ray_threshold`` files are decoded by Ray Data tasks (an embedded Ray, or ``ray.address``) while the
+model runs here.
 
 Writes one JSON line per file (``id``, ``path``, ``text``, ``duration``) to ``output``, or to standard
 output when ``output`` is null; unreadable files are quarantined and listed, never fatal.
@@ -20,7 +21,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from speech_ssl.asr.decoding import BeamConfig
 from speech_ssl.data.config import DataConfig
@@ -33,26 +34,19 @@ log = logging.getLogger(__name__)
 class Config:
     """
     checkpoint: a fine-tuned checkpoint directory (or a fine-tuning run's output_dir: its best).
-    input: audio files (comma-separated), a directory, a manifest or a list of paths.
+    input: an audio file, a directory, a manifest or a list of paths; several as input=[a.wav,b_dir].
     output: JSONL of transcripts (standard output if null).
     decoder: greedy | beam (settings under beam.*).
     ray_threshold: inputs with more files than this are decoded by Ray Data tasks."""
 
     checkpoint: str
-    input: str
+    input: Union[str, list[str]]
     output: Optional[str] = None
     decoder: str = field(default="greedy", metadata={"choices": ["greedy", "beam"]})
     beam: BeamConfig = field(default_factory=BeamConfig)
     ray_threshold: int = 2000
     data: DataConfig = field(default_factory=DataConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-
-
-def _input_spec(spec: str) -> str | list[str]:
-    """``a.wav,b.wav`` names several inputs; a path that exists (even with a comma) is one."""
-    if "," in spec and not os.path.exists(os.path.expanduser(spec)):
-        return [part.strip() for part in spec.split(",") if part.strip()]
-    return spec
 
 
 def _segment_of(row_id: str, ids: set[str]) -> tuple[str, int]:
@@ -71,7 +65,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from speech_ssl.stages.evaluate import progress_bar, use_ray_for
 
     recognizer = Recognizer.load(cfg.checkpoint, cfg.decoder, cfg.beam, fallback_text=cfg.data.text)
-    utterances = read_source(_input_spec(cfg.input), cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
+    utterances = read_source(cfg.input, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
     # Transcripts of a manifest are not needed here, and without them long recordings can be segmented.
     unlabeled = type(utterances)([dataclasses.replace(u, text=None) for u in utterances], utterances.quarantined)
     ids = {u.id for u in utterances}
