@@ -105,6 +105,11 @@ def test_unreadable_files_in_a_directory_are_reported_not_lost(tmp_path):
     r = stream.report
     assert r.read == r.used + r.quarantined + r.filtered == 13
     assert r.used == 2 and r.quarantined == 11
+    # A caller's subset keeps the scan-time quarantine, so its counts still add up.
+    subset = utts.with_rows(u for u in utts if u.id.startswith("spk"))
+    sub = BatchStream(subset, DataConfig(batch_seconds=100), FeatureSpec("waveform"), "pad", use_ray=False)
+    list(sub.iter_epoch(0))
+    assert (sub.report.read, sub.report.used, sub.report.quarantined) == (9, 2, 7)  # the 7 headers that failed
 
 
 @pytest.mark.parametrize("content, needle", [

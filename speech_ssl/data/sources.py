@@ -68,6 +68,10 @@ class UtteranceList(list):
         super().__init__(items)
         self.quarantined: list[dict] = list(quarantined or [])
 
+    def with_rows(self, rows: Iterable[Utterance]) -> "UtteranceList":
+        """A subset (e.g. after a caller's own filtering) that still carries the scan-time quarantine."""
+        return UtteranceList(rows, self.quarantined)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Paths
