@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speech_ssl.models.fastpath import cpu_kernels
+
 
 def drop_mask(shape: torch.Size, p: float) -> Tensor:
     """A BoolTensor of ``shape``, True (dropped) with probability p rounded to a multiple of 2^-15 (CPU)."""
@@ -47,7 +49,7 @@ class _MaskedScale(torch.autograd.Function):
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    if not cpu_kernels(x) or p >= 1.0:
         return F.dropout(x, p, True)
     return _MaskedScale.apply(x, keep_mask(x.shape, p, x.dtype))
 

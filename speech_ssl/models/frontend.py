@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speech_ssl.models.config import ModelConfig
+from speech_ssl.models.fastpath import cpu_kernels
 
 
 class GradScale(torch.autograd.Function):
@@ -132,7 +133,7 @@ class StridedConv(torch.autograd.Function):
 
 def conv1d_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
     """[B, T, C_in] -> [B, T', C_out], no padding; weight [k, C_in, C_out]."""
-    if x.device.type == "cpu":
+    if cpu_kernels(x):
         return StridedConv.apply(x, weight, bias, stride)
     return F.conv1d(x.transpose(1, 2), weight.permute(2, 1, 0), bias, stride=stride).transpose(1, 2)
 
@@ -173,7 +174,56 @@ class ChannelNormOverTime(torch.autograd.Function):
         c = -a * rstd * sum_gxhat / time
         d = -a * sum_g / time - c * mean
         grad_x = torch.addcmul(torch.addcmul(d, x, c), grad, a)
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
+
+
+def normalized_waveform_conv(x: Tensor, block: "ConvBlock") -> Tensor:
+    """norm(conv(waveform)) in one matrix product, for the first block ([B, S, 1] -> [B, T', C]).
+
+    A one-channel input has narrow windows (``kernel`` samples), so the statistics of the convolution's
+    output follow from those of the windows without computing the output first:
+
+    * group norm (each channel over time): mean_c = mean(w) . w_c + b_c and E[y_c^2] = w_c' S w_c + ...
+      from the windows' mean and second-moment matrix S; the normalisation is then a per-utterance scale
+      of the weights and a shift: one GEMM writes the normalised output;
+    * layer norm (each frame over channels): mean_t and E_t[y^2] are quadratic forms of the window x_t
+      with the channel-averaged weights; rstd_t scales the window and three extra columns carry the
+      shifts: again one GEMM.
+
+    The same function as conv -> norm (to rounding; statistics in float64), without the passes over
+    the [B, T', C] output that a separate norm makes forward and backward.
+    """
+    batch, samples, _ = x.shape
+    kernel, stride = block.weight.shape[0], block.stride
+    frames = (samples - kernel) // stride + 1
+    windows = x.reshape(batch, samples).as_strided((batch, frames, kernel), (samples, stride, 1)).contiguous()
+    weight = block.weight.view(kernel, -1)  # [k, C]
+    channels = weight.shape[1]
+    bias = block.bias if block.bias is not None else weight.new_zeros(channels)
+    gamma, beta, eps = block.norm.weight, block.norm.bias, block.norm.eps
+    w64, b64, win64 = weight.double(), bias.double(), windows.double()
+    if block.norm_kind == "group":
+        mean_window = win64.mean(dim=1)  # [B, k]
+        second = torch.bmm(win64.transpose(1, 2), win64) / frames  # [B, k, k]
+        mean = mean_window @ w64 + b64  # [B, C]
+        # E[y^2] = w' S w + 2 b (mean_window . w) + b^2
+        square = (torch.matmul(second, w64) * w64).sum(dim=1) + 2 * b64 * (mean_window @ w64) + b64 * b64
+        rstd = torch.rsqrt((square - mean * mean).clamp(min=0) + eps)
+        scale = (rstd * gamma.double()).to(x.dtype)  # [B, C]
+        shift = (beta.double() + (b64 - mean) * rstd * gamma.double()).to(x.dtype)
+        return torch.baddbmm(shift.unsqueeze(1), windows, weight.unsqueeze(0) * scale.unsqueeze(1))
+    # layer norm over the C channels of each frame
+    mean_w, mean_b = w64.mean(dim=1), b64.mean()  # [k], []
+    gram = w64 @ w64.t() / channels  # [k, k]
+    cross = w64 @ b64 / channels  # [k]
+    mean = win64 @ mean_w + mean_b  # [B, T']
+    square = ((win64 @ gram) * win64).sum(-1) + 2 * (win64 @ cross) + (b64 * b64).mean()
+    rstd = torch.rsqrt((square - mean * mean).clamp(min=0) + eps)
+    # y = rstd_t * (x_t . w_c + b_c - mean_t) * gamma_c + beta_c, as [rstd*x, rstd, -rstd*mean, 1] @ [w*g; b*g; g; beta]
+    columns = torch.cat([windows * rstd.to(x.dtype).unsqueeze(-1), rstd.to(x.dtype).unsqueeze(-1),
+                         (-rstd * mean).to(x.dtype).unsqueeze(-1), torch.ones_like(windows[..., :1])], dim=-1)
+    rows = torch.cat([weight * gamma, (bias * gamma).unsqueeze(0), gamma.unsqueeze(0), beta.unsqueeze(0)], dim=0)
+    return torch.matmul(columns, rows)
 
 
 class ConvBlock(nn.Module):
@@ -205,6 +255,8 @@ class ConvBlock(nn.Module):
             self.norm = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] == 1 and self.norm is not None and cpu_kernels(x):
+            return F.gelu(normalized_waveform_conv(x, self))
         x = conv1d_channels_last(x, self.weight, self.bias, self.stride)
         if self.norm_kind == "group":
             x = ChannelNormOverTime.apply(x, self.norm.weight, self.norm.bias, self.norm.eps)

@@ -54,10 +54,10 @@ class GumbelQuantizer(nn.Module):
         logits = self.logits_proj(x).float().view(n, self.groups, self.entries)
         # Statistics over the frames given (the masked ones, in pretraining), without Gumbel noise.
         probs = torch.softmax(logits, dim=-1)
-        prob_ppl = perplexity(probs.mean(dim=0))
+        prob_ppl = perplexity(probs.sum(dim=0) / max(n, 1))
         argmax = logits.argmax(dim=-1)
         with torch.no_grad():
-            counts = F.one_hot(argmax, self.entries).float().mean(dim=0)
+            counts = F.one_hot(argmax, self.entries).float().sum(dim=0) / max(n, 1)
             code_ppl = perplexity(counts)
         if self.training:
             gumbel = -torch.empty_like(logits).exponential_().log()

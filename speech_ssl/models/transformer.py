@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from speech_ssl.models.config import ModelConfig
 from speech_ssl.models.dropout import Dropout, drop_mask, keep_mask
+from speech_ssl.models.fastpath import cpu_kernels
 
 
 class ConvPositionalEmbedding(nn.Module):
@@ -108,7 +109,7 @@ class SelfAttention(nn.Module):
         heads, head_dim = self.num_heads, dim // self.num_heads
         qkv = self.qkv_proj(x).view(batch, time, 3, heads, head_dim)
         dropout_on = self.training and self.dropout > 0
-        if dropout_on and x.device.type == "cpu" and self.dropout < 1.0:
+        if dropout_on and cpu_kernels(x) and self.dropout < 1.0:
             qkv = qkv.permute(2, 0, 3, 1, 4).reshape(3, batch * heads, time, head_dim)  # one copy
             key_mask = None
             if attn_mask is not None:  # [B, 1, 1, T] True = attend -> [B*H, 1, T] True = padding
@@ -154,7 +155,7 @@ class TransformerLayer(nn.Module):
     def residual(self, x: Tensor, branch: Tensor) -> Tensor:
         """x + dropout(branch), in one pass on the CPU (addcmul with the scaled keep mask)."""
         p = self.dropout.p
-        if self.training and p > 0 and x.device.type == "cpu" and p < 1.0:
+        if self.training and 0 < p < 1.0 and cpu_kernels(x):
             return torch.addcmul(x, branch, keep_mask(branch.shape, p, branch.dtype))
         return x + self.dropout(branch)
 
