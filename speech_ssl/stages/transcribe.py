@@ -67,7 +67,7 @@ def run(cfg: Config) -> dict[str, Any]:
     recognizer = Recognizer.load(cfg.checkpoint, cfg.decoder, cfg.beam, fallback_text=cfg.data.text)
     utterances = read_source(cfg.input, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
     # Transcripts of a manifest are not needed here, and without them long recordings can be segmented.
-    unlabeled = type(utterances)([dataclasses.replace(u, text=None) for u in utterances], utterances.quarantined)
+    unlabeled = utterances.with_rows(dataclasses.replace(u, text=None) for u in utterances)
     ids = {u.id for u in utterances}
 
     use_ray = use_ray_for(len(utterances), cfg.ray_threshold, cfg.ray)
