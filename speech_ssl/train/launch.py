@@ -66,7 +66,16 @@ def run_training(task: Task, cfg: TrainerConfig, output_dir: str | Path) -> dict
     output_dir.mkdir(parents=True, exist_ok=True)
     root = storage_root(output_dir, cfg)
     if cfg.num_workers == 0:
-        summary = train(task, cfg, LocalContext(root), output_dir)
+        # In this process, beside Ray Data's decode tasks: as many threads as the worker would hold, not
+        # torch's default of every core (oversubscribed, a step is several times slower).
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(_threads_per_worker(cfg))
+        try:
+            summary = train(task, cfg, LocalContext(root), output_dir)
+        finally:
+            torch.set_num_threads(previous)
     else:
         summary = _fit_on_ray(task, cfg, output_dir, root)
     _finalise_pointers(output_dir, root, summary)

@@ -356,7 +356,9 @@ def _report_ingest(task: Task, ctx, output_dir: Path) -> None:
         if merged.entries:
             path = output_dir / f"quarantine_{split}.jsonl"
             merged.write_jsonl(path)
-            log.warning("%d %s files quarantined: see %s", len(merged.entries), split, path)
+            kinds = [e.get("kind", "quarantined") for e in merged.entries]
+            log.warning("%s rows set aside: %d quarantined, %d filtered; see %s", split, kinds.count("quarantined"),
+                        kinds.count("filtered"), path)
 
 
 def _train_metrics(task: Task, window: _Window, optimizer, state: TrainingState) -> dict[str, float]:

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 class CTCConfig:
     """The fairseq fine-tuning recipe's model-side behaviour.
 
-    freeze_feature_encoder: keep the conv front end frozen throughout.
+    freeze_feature_encoder: keep the pretrained conv front end frozen throughout (ignored with init=none,
+        where the front end starts random and must train).
     freeze_updates: train only the CTC head for this many updates, then the whole encoder.
     mask_*: time and channel masking applied during fine-tuning (spans of frames / channels).
     layerdrop / final_dropout: regularisation of the Transformer layers and before the head.
@@ -114,7 +115,8 @@ class CTCTask:
             source = load(self.init)
             encoder = getattr(source, "encoder", source)
             model = Wav2Vec2ForCTC.from_pretrained_encoder(encoder, len(self.vocab), **overrides)
-        if self.ctc.freeze_feature_encoder:
+        # Freezing only makes sense for pretrained weights: a from-scratch baseline must train its front end.
+        if self.ctc.freeze_feature_encoder and self.init != "none":
             model.freeze_feature_encoder()
         self._model = model
         return model
