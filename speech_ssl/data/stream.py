@@ -4,8 +4,8 @@
 alone (see :mod:`speech_ssl.data.plan`), takes this rank's share, and turns each planned batch into a
 :class:`Batch`:
 
-* ``use_ray=True``: the planned batches become a Ray Data dataset (one block per batch); a
-  ``map_batches`` task per batch decodes, resamples, featurises and collates it on a CPU worker
+* ``use_ray=True``: the planned batches become a Ray Data dataset (``cfg.batches_per_task`` per block);
+  a ``map_batches`` task per block decodes, resamples, featurises and collates it on a CPU worker
   (``cfg.num_cpus_per_reader`` CPUs each, at most ``cfg.max_readers`` at once), with
   ``preserve_order`` so batches arrive in plan order, and at most ``cfg.prefetch_batches`` waiting. The
   calling process (a Ray Train worker) only turns bytes into tensors.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
@@ -248,7 +249,9 @@ class BatchStream:
 
         num_cpus, free_cpus = reader_cpus(self.cfg.num_cpus_per_reader)
         items = [{"job": json.dumps(job)} for job in jobs]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # A few planned batches per task: Ray Data's scheduling loop costs the consumer's process CPU per task.
+        per_task = max(1, self.cfg.batches_per_task)
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_task)))
         ds = ds.map_batches(
             collate_arrow_batch, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
             fn_kwargs={"collator": self._collator}, num_cpus=num_cpus,
