@@ -58,6 +58,16 @@ def _register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("demo"):
         OmegaConf.register_new_resolver("demo", lambda name="": corpus_path(name))
+    if not OmegaConf.has_resolver("command_line"):
+        OmegaConf.register_new_resolver("command_line", _command_line_overrides)
+
+
+def _command_line_overrides() -> list[str]:
+    """The running command's overrides as checked (``speech-ssl submit`` forwards them to ``speech-ssl run``
+    on the cluster); empty under the compose API (``--help``), where no command line runs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _register_schema(name: str) -> None:
