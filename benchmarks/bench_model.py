@@ -25,7 +25,6 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -246,28 +245,50 @@ def compare_base(args, rate: float, dtype: torch.dtype) -> dict:
     return result
 
 
+def _status_mb(field: str) -> float:
+    """A VmRSS / VmHWM line of /proc/self/status in MB (Linux), or -1."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return -1.0
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux: clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _preset_worker(preset: str, args_dict: dict, queue) -> None:
     args = argparse.Namespace(**args_dict)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
     model = build(preset).to(args.device).train()
     cfg = model.config
     inputs, steps_in = make_batch(cfg, args.batch, args.seconds, args.device)
     step = ours_step(model, optimizer(model, args.device), inputs, args.device, dtype)
+    rss_before = _status_mb("VmRSS")
+    _reset_peak_rss()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu = [], []
     for i in range(args.warmup + max(args.steps, 3)):
-        seconds, _ = timed(step, args.device)
+        seconds, info = timed(step, args.device)
         if i >= args.warmup:
             times.append(seconds)
+            cpu.append(info["cpu_s"])
     median = statistics.median(times)
     out = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
            "median_step_s": median, "audio_s_per_s": args.batch * args.seconds / median,
+           "median_cpu_s_per_thread": statistics.median(cpu),
+           "audio_s_per_cpu_s": args.batch * args.seconds / statistics.median(cpu),
            "model_flops_per_s": training_flops(cfg, args.batch, steps_in) / median,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_before_model_mb": rss_before / 1024}
+           "peak_rss_mb": _status_mb("VmHWM"), "rss_before_steps_mb": rss_before}
     if args.device.startswith("cuda"):
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     queue.put(out)
@@ -356,8 +377,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         r = measure_preset(preset, args)
         results[preset] = r
         print(f"{preset}: {r['params_m']:.1f} M params, {r['audio_s_per_s']:.1f} audio-s/s "
-              f"(median step {r['median_step_s']:.3f} s), {r['model_flops_per_s'] / 1e9:.0f} GFLOP/s, "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB (of which {r['rss_before_model_mb']:.0f} MB before the model)"
+              f"(median step {r['median_step_s']:.3f} s wall; {r['audio_s_per_cpu_s']:.1f} audio-s per CPU-s per "
+              f"thread), {r['model_flops_per_s'] / 1e9:.0f} GFLOP/s, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB during the steps ({r['rss_before_steps_mb']:.0f} MB with the "
+              f"model and batch built, before the first step)"
               + (f", peak GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
