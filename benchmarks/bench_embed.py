@@ -53,19 +53,22 @@ LAYERS = {"base": [12, 6], "tiny": [4]}
 # ---------------------------------------------------------------------------------------------------
 
 class TreeUsage:
-    """Peak memory (bench_ingest.TreeMemory) plus the CPU seconds of this process and every descendant,
-    sampled every ``interval`` seconds so that processes that exit before the end (Ray's workers, raylet
-    and GCS are gone once ``run`` returns) still count, up to their last sample."""
+    """CPU seconds and peak memory of this process and every descendant.
 
-    def __init__(self, interval: float = 0.2):
+    Sampled by one thread every ``interval`` seconds, so that processes that exit before the end (Ray's
+    workers, raylet and GCS are gone once ``run`` returns) still count, up to their last sample. The
+    sampler's own CPU time is subtracted; memory is PSS (a shared page counted once) and RSS, summed over
+    the tree (``bench_ingest``'s readers of /proc).
+    """
+
+    def __init__(self, interval: float = 1.0):
         import threading
 
-        from bench_ingest import TreeMemory
-
-        self.memory = TreeMemory(interval=0.25)
         self.interval = interval
+        self.peak_pss = self.peak_rss = 0  # kB
         self._cpu: dict[int, float] = {}
         self._start: dict[int, float] = {}
+        self._sampler_cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -78,35 +81,41 @@ class TreeUsage:
         except (OSError, IndexError, ValueError):
             return -1.0
 
-    def _sample(self) -> None:
-        from bench_ingest import _tree
+    def _sample(self, memory: bool = True) -> None:
+        from bench_ingest import _mem_kb, _tree
 
+        pss = rss = 0
         for pid in _tree(os.getpid()):
             value = self._cpu_seconds(pid)
             if value >= 0:
                 self._start.setdefault(pid, value if pid == os.getpid() else 0.0)
                 self._cpu[pid] = value
+            if memory:
+                p, r = _mem_kb(pid)
+                pss, rss = pss + p, rss + r
+        self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            t = time.thread_time()
             self._sample()
+            self._sampler_cpu += time.thread_time() - t
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "TreeUsage":
-        self._sample()
-        self.memory.__enter__()
+        self._sample(memory=False)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._sample()
         self._stop.set()
         self._thread.join()
-        self.memory.__exit__(*exc)
+        self._sample()
 
     @property
     def cpu_seconds(self) -> float:
-        return sum(v - self._start.get(pid, 0.0) for pid, v in self._cpu.items())
+        total = sum(v - self._start.get(pid, 0.0) for pid, v in self._cpu.items())
+        return total - self._sampler_cpu
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,7 +141,7 @@ def child_prepare(workdir: str, models: list[str], manifest: str, hours: float) 
     return {"utterances": len(utts), "audio_s": sum(u.duration for u in utts)}
 
 
-def child_hf(workdir: str, model: str, layer: int) -> dict:
+def child_hf(workdir: str, model: str, layer: int, threads: int) -> dict:
     import numpy as np
     import soundfile as sf
     import torch
@@ -140,6 +149,8 @@ def child_hf(workdir: str, model: str, layer: int) -> dict:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if threads:
+        torch.set_num_threads(threads)
     rows = [json.loads(line) for line in open(Path(workdir) / "subset.jsonl")]
     with TreeUsage() as usage:
         t0 = time.perf_counter()
@@ -162,14 +173,15 @@ def child_hf(workdir: str, model: str, layer: int) -> dict:
             kept += emb.shape[0] > 0
             seconds += len(wave) / 16000
         wall = time.perf_counter() - t0
-    mem = usage.memory
+    mem = usage
     return {"run": f"hf {model} layer {layer}", "audio_s": seconds, "wall_s": wall, "rate": seconds / wall,
             "cpu_rate": seconds / usage.cpu_seconds, "peak_pss_mb": mem.peak_pss / 1024,
             "peak_rss_mb": mem.peak_rss / 1024,
             "threads": torch.get_num_threads(), "utterances": kept}
 
 
-def child_ours(workdir: str, model: str, layer: int, cpus: int, batch_seconds: float, actors: int) -> dict:
+def child_ours(workdir: str, model: str, layer: int, cpus: int, batch_seconds: float, actors: int,
+               threads: int) -> dict:
     import shutil
 
     from speech_ssl.data import DataConfig
@@ -180,18 +192,19 @@ def child_ours(workdir: str, model: str, layer: int, cpus: int, batch_seconds: f
     shutil.rmtree(out, ignore_errors=True)
     cfg = Config(checkpoint=str(Path(workdir) / f"ours_{model}"), input=str(Path(workdir) / "subset.jsonl"),
                  output=str(out), layers=[layer], pooling="none", dtype="float32", progress_seconds=30,
-                 num_actors=actors or None,
+                 num_actors=actors or None, actor_cpus=float(threads) if threads else None,
                  data=DataConfig(shuffle=False, batch_seconds=batch_seconds),
                  ray=RayConfig(num_cpus=cpus, include_dashboard=False, object_store_memory_mb=400))
     with TreeUsage() as usage:
         t0 = time.perf_counter()
         summary = run(cfg)
         wall = time.perf_counter() - t0
-    mem = usage.memory
+    mem = usage
     seconds = summary["audio_hours"]["this_run"] * 3600
     shutil.rmtree(out, ignore_errors=True)
     return {"run": f"ours {model} layer {layer}", "audio_s": seconds, "wall_s": wall, "rate": seconds / wall,
             "cpu_rate": seconds / usage.cpu_seconds, "embed_s": summary["this_run"]["embed_seconds"],
+            "actor_rate": seconds / max(summary["this_run"]["actor_seconds"], 1e-9),
             "padding_waste": summary["this_run"]["padding_waste"], "peak_pss_mb": mem.peak_pss / 1024,
             "peak_rss_mb": mem.peak_rss / 1024, "utterances": summary["counts"]["embedded_this_run"],
             "placement": summary["this_run"]["placement"]}
@@ -310,6 +323,9 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the embedded Ray")
     parser.add_argument("--batch-seconds", type=float, default=40.0)
     parser.add_argument("--actors", type=int, default=0, help="model actors (0: the command's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of the transformers loop and of each model actor (0: defaults, i.e. "
+                             "all cores); 1 gives CPU-second figures that other people's load barely distorts")
     parser.add_argument("--trials", type=int, default=2,
                         help="interleaved runs of each side; the best rate counts (other people's load only slows)")
     # GPU mode
@@ -339,10 +355,11 @@ def main() -> None:
         print(json.dumps(child_prepare(args.workdir, args.models, args.manifest, args.hours)))
         return
     if args.child == "hf":
-        print(json.dumps(child_hf(args.workdir, args.model, args.layer)))
+        print(json.dumps(child_hf(args.workdir, args.model, args.layer, args.threads)))
         return
     if args.child == "ours":
-        print(json.dumps(child_ours(args.workdir, args.model, args.layer, args.cpus, args.batch_seconds, args.actors)))
+        print(json.dumps(child_ours(args.workdir, args.model, args.layer, args.cpus, args.batch_seconds, args.actors,
+                                    args.threads)))
         return
     if args.child == "decode":
         print(json.dumps(child_decode(args.workdir)))
@@ -368,11 +385,11 @@ def main() -> None:
                     load = os.getloadavg()[0]
                     res = _child(["--child", side, "--workdir", workdir, "--model", model, "--layer", str(layer),
                                   "--cpus", str(args.cpus), "--batch-seconds", str(args.batch_seconds),
-                                  "--actors", str(args.actors)])
+                                  "--actors", str(args.actors), "--threads", str(args.threads)])
                     res["load_before"], res["load_after"] = load, os.getloadavg()[0]
                     trials[side].append(res)
-                    extra = (f", padding {100 * res['padding_waste']:.1f}%, pipeline {res['embed_s']:.1f} s"
-                             if side == "ours" else "")
+                    extra = (f", padding {100 * res['padding_waste']:.1f}%, pipeline {res['embed_s']:.1f} s, "
+                             f"actor alone {res['actor_rate']:.2f} audio-s/s" if side == "ours" else "")
                     print(f"{res['run']}: {res['audio_s']:.0f} audio-s in {res['wall_s']:.1f} s = {res['rate']:.2f} "
                           f"audio-s/s ({res['cpu_rate']:.2f} per CPU-s){extra}; peak memory "
                           f"{res['peak_pss_mb']:.0f} MB PSS ({res['peak_rss_mb']:.0f} MB RSS); load "

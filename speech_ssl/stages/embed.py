@@ -33,7 +33,8 @@ class Config:
         with a GPU; on CPUs, the node's CPUs less half a CPU for decoding).
     concurrent_shards: shards an actor holds at once: one computes while the others are encoded and written
         (null: 1 on CPUs, 4 with a GPU, where writing a frame-level shard takes longer than computing it).
-    shard_seconds: audio per Parquet shard (a crash loses at most the shards in flight).
+    shard_seconds: audio per Parquet shard at most (a crash loses at most the shards in flight); small jobs get
+        smaller shards (down to 30 s), at least four per actor.
     overwrite: delete the output's shards first instead of continuing them.
     progress_seconds: interval of the progress lines."""
 
