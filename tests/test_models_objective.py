@@ -296,3 +296,16 @@ def test_cpu_kernels_agree_with_generic_ops(preset):
     assert torch.allclose(loss_fast, loss_generic, rtol=1e-5, atol=1e-5)
     for key, grad in grads_fast.items():
         assert torch.allclose(grad, grads_generic[key], rtol=1e-3, atol=1e-6), key
+
+
+def test_generic_ops_training_step_runs_with_dropout():
+    """The ops other devices use (F.dropout, SDPA with dropout, F.conv1d) train too."""
+    from speech_ssl.models.fastpath import generic_ops
+
+    torch.manual_seed(17)
+    model = build("tiny", layerdrop=0.0)
+    with generic_ops():
+        out = model(waves(2, 8000), torch.tensor([8000, 6000]))
+        out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
