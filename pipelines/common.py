@@ -22,13 +22,32 @@ def given(value: Any, default: Any) -> Any:
     return value if value not in (None, "") else default
 
 
+def none_or(value: Any) -> Any:
+    """``none`` on the command line switches an optional input off (e.g. pretrain.data.valid=none)."""
+    return None if value == "none" else value
+
+
 def require_data(cfg, pipeline: str, splits: list[str]) -> dict[str, str]:
     """The ``data.*`` inputs a pipeline needs, or one error naming the first that is missing."""
     missing = [s for s in splits if not getattr(cfg.data, s)]
     if missing:
         raise ConfigError(f"data.{missing[0]}", f"the {pipeline} pipeline needs data.{', data.'.join(splits)} "
                                                 f"(missing: {', '.join(missing)}).")
-    return {s: getattr(cfg.data, s) for s in splits}
+    data = {s: getattr(cfg.data, s) for s in splits}
+    _check_demo_mix(data)
+    return data
+
+
+def _check_demo_mix(data: dict[str, str]) -> None:
+    """Your audio with the demo's labels (or the reverse) is almost surely a forgotten data.* argument."""
+    from speech_ssl.demo import CORPUS_DIR
+
+    demo = {k for k, v in data.items() if "://" not in v and Path(v).resolve().is_relative_to(CORPUS_DIR)}
+    if demo and len(demo) < len(data):
+        raise ConfigError(f"data.{sorted(demo)[0]}",
+                          f"mixes the demo corpus ({', '.join(f'data.{k}' for k in sorted(demo))}) with your data "
+                          f"({', '.join(f'data.{k}' for k in sorted(set(data) - demo))}); give every data.* input "
+                          "of the pipeline.")
 
 
 def manifest(output_dir: Path, split: str) -> str:

@@ -6,7 +6,8 @@
     evaluate   finetune/best on prepare/test.jsonl -> evaluate/results.json (WER, CER), results.hyp.jsonl
     embed      pretrain/best over prepare/unlabeled.jsonl -> embed/*.parquet
 
-Set ``finetune.init=none`` to fine-tune from scratch, ``embed.checkpoint=...`` / ``embed.input=...`` to embed
+Set ``finetune.init=none`` to fine-tune from scratch, ``pretrain.data.valid=none`` to pretrain without
+validation (the best checkpoint is then the last), ``embed.checkpoint=...`` / ``embed.input=...`` to embed
 something else; every other stage setting is under ``pretrain.*``, ``finetune.*``, ``evaluate.*``, ``embed.*``.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipelines.common import (given, manifest, owned, prepare, require_data, trainer_storage,
+from pipelines.common import (given, manifest, none_or, owned, prepare, require_data, trainer_storage,
                               training_storage)
 from speech_ssl.pipeline import Stage
 from speech_ssl.stages import embed, evaluate, finetune, pretrain
@@ -35,7 +36,7 @@ def stages(cfg) -> list[Stage]:
     pt_trainer = trainer_storage(cfg.pretrain.trainer, cfg.storage_path, out)
     pt = replace(cfg.pretrain, output_dir=str(pt_dir), trainer=pt_trainer, ray=cfg.ray,
                  data=replace(cfg.pretrain.data, train=given(cfg.pretrain.data.train, manifest(out, "unlabeled")),
-                              valid=given(cfg.pretrain.data.valid, manifest(out, "valid"))))
+                              valid=none_or(given(cfg.pretrain.data.valid, manifest(out, "valid")))))
     ft_trainer = trainer_storage(cfg.finetune.trainer, cfg.storage_path, out)
     ft = replace(cfg.finetune, output_dir=str(ft_dir), init=given(cfg.finetune.init, str(pt_dir / "best")),
                  trainer=ft_trainer, ray=cfg.ray,

@@ -98,22 +98,6 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def _check_demo_mix(cfg: Config) -> None:
-    """Your audio with the demo's labels (or the reverse) is almost surely a forgotten data.* argument."""
-    from pathlib import Path
-
-    from speech_ssl.config import ConfigError
-    from speech_ssl.demo import CORPUS_DIR
-
-    given = {k: v for k, v in vars(cfg.data).items() if v}
-    demo = {k for k, v in given.items() if "://" not in v and Path(v).resolve().is_relative_to(CORPUS_DIR)}
-    if demo and len(demo) < len(given):
-        first = sorted(demo)[0]
-        raise ConfigError(f"data.{first}", f"mixes the demo corpus ({', '.join(f'data.{k}' for k in sorted(demo))}) "
-                                           f"with your data ({', '.join(f'data.{k}' for k in sorted(set(given) - demo))}); "
-                                           "give every data.* input of the pipeline.")
-
-
 def run(cfg: Config) -> dict[str, Any]:
     """Run the pipeline; returns its summary (printed as Markdown at the end)."""
     import pipelines
@@ -121,7 +105,6 @@ def run(cfg: Config) -> dict[str, Any]:
     from speech_ssl.runtime import dashboard_url, ray_session
 
     definition = pipelines.load(cfg.pipeline)
-    _check_demo_mix(cfg)
     stages = definition.stages(cfg)  # every configuration error surfaces here, before Ray starts
     log.info("pipeline %s: %s -> %s", cfg.pipeline, " -> ".join(s.name for s in stages), cfg.output_dir)
     with ray_session(cfg.ray):
