@@ -8,6 +8,9 @@ Tests never need data outside the repository: they build what they need here, in
   ``../shared/data/README.md``), optionally labeled.
 * ``make_toy_asr_corpus``: a toy speech-recognition task a tiny CTC model can learn in a few hundred
   updates: each letter is a distinct tone pattern, words are separated by short silences.
+* ``make_speaker_corpus``: "speakers" that differ in pitch and timbre (harmonic tilt), saying random
+  voiced syllables: separable by a linear probe even on a random model's features; ``shuffle_labels``
+  gives the same audio with speaker labels drawn at random (a probe must sit at chance there).
 """
 
 from __future__ import annotations
@@ -174,6 +177,51 @@ def make_toy_asr_corpus(root: Path, n: int = 40, seed: int = 0, split: str = "tr
         write_audio(root / rel, toy_utterance(text, rate, seed=seed * 1000 + i), rate, fmt)
         rows.append({"path": rel, "duration": round(sf.info(str(root / rel)).duration, 3),
                      "speaker": f"spk{i % 2}", "text": text})
+    return write_manifest(root / f"{split}.jsonl", rows)
+
+
+def voice(f0: float, tilt: float, seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """Voiced syllables around fundamental ``f0`` (jittered +-6 %), harmonics falling off as k^-tilt, with
+    short pauses between them."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(int(round(seconds * rate)), dtype=np.float32)
+    pos = int(0.05 * rate)
+    while pos < len(out):
+        seg = float(rng.uniform(0.12, 0.3))
+        n = int(seg * rate)
+        t = np.arange(n) / rate
+        pitch = f0 * float(rng.uniform(0.94, 1.06)) * (1 + 0.04 * np.sin(2 * np.pi * rng.uniform(2, 5) * t))
+        phase = 2 * np.pi * np.cumsum(pitch) / rate
+        piece = sum((k ** -tilt) * np.sin(k * phase) for k in range(1, 16) if k * f0 < rate / 2 - 500)
+        piece = (0.25 * piece / max(1e-6, np.abs(piece).max()) * np.hanning(n)).astype(np.float32)
+        take = min(n, len(out) - pos)
+        out[pos:pos + take] += piece[:take]
+        pos += take + int(rng.uniform(0.03, 0.1) * rate)
+    return (out + noise(seconds, rate, 0.003, seed)[: len(out)]).astype(np.float32)
+
+
+def make_speaker_corpus(root: Path, speakers: int = 4, per_speaker: int = 12, seed: int = 0, split: str = "speakers",
+                        min_seconds: float = 1.0, max_seconds: float = 1.6, rate: int = 16000,
+                        shuffle_labels: bool = False, fmt: str = "flac") -> Path:
+    """``speakers`` synthetic voices (pitch 100 Hz x 1.4^s, harmonic tilt alternating), ``per_speaker``
+    utterances each, under ``root/split/`` and ``root/split.jsonl`` with a ``speaker`` field.
+
+    shuffle_labels: the ``speaker`` field is drawn at random (same label counts), independent of the voice."""
+    root = Path(root)
+    rng = random.Random(seed)
+    rows = []
+    for s in range(speakers):
+        f0, tilt = 100.0 * 1.4 ** s, (0.8 if s % 2 == 0 else 2.0)
+        for i in range(per_speaker):
+            seconds = round(rng.uniform(min_seconds, max_seconds), 3)
+            rel = f"{split}/voice{s}/utt{s:02d}{i:03d}{SUFFIX[fmt]}"
+            write_audio(root / rel, voice(f0, tilt, seconds, rate, seed=seed * 10007 + s * 101 + i), rate, fmt)
+            rows.append({"path": rel, "duration": round(sf.info(str(root / rel)).duration, 3), "speaker": f"spk{s}"})
+    if shuffle_labels:
+        labels = [r["speaker"] for r in rows]
+        random.Random(seed + 99).shuffle(labels)
+        for row, label in zip(rows, labels):
+            row["speaker"] = label
     return write_manifest(root / f"{split}.jsonl", rows)
 
 
