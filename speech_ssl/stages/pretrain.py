@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from speech_ssl.data.config import DataConfig
+from speech_ssl.probe import ProbeSettings
 from speech_ssl.runtime import RayConfig
 from speech_ssl.stages.common import model_field, model_overrides_field
 from speech_ssl.train.config import TrainerConfig
@@ -24,6 +26,20 @@ class PretrainDataConfig(DataConfig):
     valid: Optional[str] = None
 
 
+@dataclass(kw_only=True)
+class PretrainProbeConfig(ProbeSettings):
+    """A linear probe of the model while it trains (off by default): every `every_updates` updates (and at the
+    end) rank 0 probes the current model on `train` (`valid`, or none: a held-out part of train) and logs
+    probe_accuracy (task=speaker) or probe_cer (task=ctc) to metrics.jsonl, TensorBoard and the curves.
+    Keep it small: max_utterances caps each split (decoded once, then cached on the worker)."""
+
+    every_updates: int = 0
+    train: Optional[str] = None
+    valid: Optional[str] = "none"
+    max_utterances: Optional[int] = 300
+    epochs: Optional[int] = 100
+
+
 @dataclass
 class Config:
     output_dir: str
@@ -31,7 +47,37 @@ class Config:
     model: str = model_field("tiny")
     model_overrides: dict[str, Any] = model_overrides_field()
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    probe: PretrainProbeConfig = field(default_factory=PretrainProbeConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+
+def build_monitor(cfg: Config):
+    """The pretraining probe monitor of ``cfg.probe`` (None when off); bad probe inputs fail here, on the
+    driver, with the key named."""
+    if not cfg.probe.every_updates:
+        return None
+    from speech_ssl.config import ConfigError
+    from speech_ssl.data import read_source
+    from speech_ssl.probe import ProbeMonitor, check_settings, is_none, prepare_splits
+
+    check_settings(cfg.probe, "probe")
+    if cfg.probe.every_updates < 0:
+        raise ConfigError("probe.every_updates", f"must be 0 (off) or positive, got {cfg.probe.every_updates}.")
+    if is_none(cfg.probe.train):
+        raise ConfigError("probe.train", "probe.every_updates is set, so a probe manifest is needed (JSONL with a "
+                                         "'speaker' field, or 'text' for probe.task=ctc).")
+    for key in ("train",) + (() if is_none(cfg.probe.valid) else ("valid",)):
+        path = getattr(cfg.probe, key)
+        if not Path(path).exists() and "://" not in path:
+            raise ConfigError(f"probe.{key}", f"no manifest, directory or list at '{path}'.")
+    train = read_source(cfg.probe.train, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
+    valid = None if is_none(cfg.probe.valid) else read_source(cfg.probe.valid, cfg.data.extensions,
+                                                              tsv_sample_rate=cfg.data.tsv_sample_rate)
+    splits = prepare_splits(cfg.probe, train, valid, "probe.train", "probe.valid")
+    data = dataclasses.replace(cfg.data, crop_duration=None, shuffle=False)
+    return ProbeMonitor(splits, cfg.probe, DataConfig(**{f.name: getattr(data, f.name)
+                                                         for f in dataclasses.fields(DataConfig)}),
+                        cfg.probe.every_updates)
 
 
 def run(cfg: Config) -> dict:
@@ -44,6 +90,7 @@ def run(cfg: Config) -> dict:
 
     resolve_model_config(cfg.model, cfg.model_overrides)  # fail fast on a bad model_overrides key
     output_dir = Path(cfg.output_dir).resolve()
+    monitor = build_monitor(cfg)
     save_resolved_config(output_dir, "pretrain", cfg)
     with ray_session(cfg.ray):
         train = read_source(cfg.data.train)
@@ -52,7 +99,8 @@ def run(cfg: Config) -> dict:
                  sum(u.duration for u in train) / 3600,
                  f", validating on {len(valid)}" if valid else "")
         task = PretrainTask(model=cfg.model, model_overrides=dict(cfg.model_overrides), data=cfg.data,
-                            train=train, valid=valid, warmup_updates=cfg.trainer.optim.warmup_updates)
+                            train=train, valid=valid, warmup_updates=cfg.trainer.optim.warmup_updates,
+                            monitor=monitor)
         summary = run_training(task, cfg.trainer, output_dir)
     log.info("pretraining done after %d updates: last %s, best %s", summary["updates"], summary["last"],
              summary["best"])

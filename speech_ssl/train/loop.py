@@ -7,7 +7,7 @@
          scale gradients by world_size / total sample size (fairseq's normalisation)
          skip the update on every worker alike if anything is non-finite
          clip, step, schedule, tell the task the new update count (temperature, freezing)
-         log / validate / checkpoint on their intervals
+         log / validate / probe / checkpoint on their intervals
 """
 
 from __future__ import annotations
@@ -191,7 +191,12 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
     window = _Window()
     consecutive_nonfinite = 0
     last_valid: dict[str, float] = {}
+    last_probe: dict[str, float] = {}
     last_saved: Optional[str] = None
+    # A task may carry a monitor (e.g. a linear probe of the representations, speech_ssl.probe.ProbeMonitor):
+    # rank 0 runs it on the unwrapped model every ``every_updates`` updates and at the end.
+    probe_monitor = getattr(task, "monitor", None)
+    probe_every = int(getattr(probe_monitor, "every_updates", 0) or 0) if probe_monitor is not None else 0
 
     model.train()
     while state.updates < cfg.max_updates:
@@ -309,6 +314,10 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
                 last_valid = valid
                 if is_main:
                     logger.write("valid", state.updates, valid)
+        if is_main and probe_every and (state.updates % probe_every == 0 or done):
+            last_probe = run_monitor(probe_monitor, model, device, state.updates)
+            if last_probe:
+                logger.write("probe", state.updates, last_probe)
         if want_checkpoint:
             last_saved = save(task, model, optimizer, scheduler, scaler, state, position, ctx, output_dir,
                               cfg, last_valid, logger)
@@ -318,7 +327,7 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
     if logger is not None:
         logger.close()
     return {"updates": state.updates, "last": last_saved, "best": state.best_name, "metrics": state.metrics,
-            "valid": last_valid, "nonfinite_skipped": state.nonfinite_skipped, "resumes": state.resumes,
+            "valid": last_valid, "probe": last_probe, "nonfinite_skipped": state.nonfinite_skipped, "resumes": state.resumes,
             "worker_nodes": _worker_nodes(ctx)}
 
 
@@ -369,6 +378,22 @@ def _train_metrics(task: Task, window: _Window, optimizer, state: TrainingState)
     metrics["loss"] = sums.get("loss_sum", 0.0) / max(window.sample_size, 1.0)
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     metrics["nonfinite_skipped"] = state.nonfinite_skipped
+    return metrics
+
+
+def run_monitor(monitor, model: torch.nn.Module, device: torch.device, updates: int) -> dict[str, float]:
+    """The task's monitor on the model as it is now; it must leave the model (mode, gradient flags) and the
+    training RNG streams as it found them. A failing monitor is logged, never fatal to the run."""
+    rng = ckpt.capture_rng()
+    try:
+        metrics = monitor(model, device)
+    except SpeechSSLError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a diagnostic must not kill hours of training
+        log.warning("update %d: the probe failed (%s: %s); training goes on", updates, type(err).__name__, err)
+        return {}
+    finally:
+        ckpt.restore_rng(rng)
     return metrics
 
 

@@ -107,7 +107,7 @@ def plot_curves(metrics_path: Path, out_path: Path, panels: Sequence[tuple[str, 
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
     for ax, (panel_title, keys) in zip(axes.flat, panels):
-        for split, style in (("train", "-"), ("valid", "o-")):
+        for split, style in (("train", "-"), ("valid", "o-"), ("probe", "s-")):
             for key in keys:
                 points = [(r["update"], r[key]) for r in records if r.get("split") == split and key in r
                           and isinstance(r[key], (int, float)) and math.isfinite(r[key])]

@@ -65,3 +65,7 @@ class Task(Protocol):
     def collapse_monitor(self) -> Optional[CollapseMonitor]: ...
 
     def ingest_reports(self) -> Iterable[Any]: ...
+
+    # Optional: ``monitor``, a callable ``(model, device) -> dict[str, float]`` with an ``every_updates``
+    # attribute (0: off), run by rank 0 on the unwrapped model and logged as split ``probe``
+    # (speech_ssl.probe.ProbeMonitor). Tasks without it are not monitored.

@@ -36,6 +36,7 @@ class PretrainTask:
     valid: Optional[list[Utterance]] = None
     model_overrides: dict[str, Any] = field(default_factory=dict)
     warmup_updates: int = 0
+    monitor: Optional[Any] = None  # a speech_ssl.probe.ProbeMonitor run every monitor.every_updates updates
 
     name = "pretrain"
     best_metric = "valid_loss"
@@ -51,10 +52,13 @@ class PretrainTask:
         ("learning rate", ("lr",)),
         ("audio s / s / worker", ("audio_seconds_per_second",)),
     )
+    probe_panel = ("linear probe (valid)", ("probe_accuracy", "probe_chance_accuracy", "probe_cer"))
 
     def __post_init__(self):
         self._streams: dict[str, BatchStream] = {}
         self._model_config = None
+        if self.monitor is not None and getattr(self.monitor, "every_updates", 0):
+            self.plot_panels = (*type(self).plot_panels, self.probe_panel)
 
     # -- model ---------------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
