@@ -1,0 +1,630 @@
+"""Issue 9's results table: does self-supervised pretraining pay off with few labels? One command.
+
+For each corpus under ../shared/data (see its README):
+
+* pretrain a CPU-sized model (``--model``, fbank-tiny by default; `conf/pretrain/recipe/cpu_tiny`) on the
+  unlabeled audio for a wall-clock budget (``--pretrain-minutes``). The trainer counts updates, not
+  minutes, so a short calibration run measures seconds per update first and the budget becomes
+  ``trainer.max_updates`` (kept in ``calibration.json``, so a resumed run trains to the same length). A
+  speaker probe monitors the representations during pretraining (``probe.every_updates``), and once more on
+  the initial (random) weights;
+  - tts-harvard: pretrain on ``unlabeled``; labeled budgets ``train_10min`` and ``train_1h``; evaluate on
+    ``dev`` and ``test``;
+  - speechocean762: pretrain on the audio of ``train`` and ``unlabeled`` (transcripts dropped); labeled
+    budgets: a deterministic 30-minute subset of ``train`` (written beside the runs) and all of ``train``;
+    evaluate on ``dev`` (also the fine-tuning validation set: there is no other labeled split);
+* fine-tune the pretrained model on each budget, and train the same architecture from scratch
+  (``finetune init=none``) with the same budget and recipe (`conf/finetune/recipe/cpu_tiny`);
+* evaluate CER and WER (greedy decoding) of every fine-tuned model;
+* write ``<out>/RESULTS.md`` (tables, commands to reproduce, hardware, wall times) and PNG plots under
+  ``<out>/results/`` (pretraining curves, probe accuracy against updates, CER against labeled minutes).
+
+Every stage goes through its Python API with the configuration the command line would build
+(``conf/<command>/config.yaml`` + recipe + overrides), so each arm is also one ``speech-ssl`` command
+(listed in RESULTS.md). Every arm is resumable: training continues from its newest checkpoint, and
+finished arms (``train_summary.json`` at the target update count, evaluation JSONs) are skipped, so an
+interrupted multi-hour run continues where it stopped.
+
+    .venv/bin/python benchmarks/results.py                          # both corpora, 60 min pretraining each
+    .venv/bin/python benchmarks/results.py --corpora tts-harvard --pretrain-minutes 30 --seeds 1 2
+    .venv/bin/python benchmarks/results.py --smoke                  # minutes: tiny budgets, a few utterances
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+CORPORA = ("tts-harvard", "speechocean762")
+TARGETS = {"tts-harvard": ("test", "10min", 0.6), "speechocean762": ("dev", "30min", 0.8)}
+
+log = logging.getLogger("results")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifests
+# ---------------------------------------------------------------------------------------------------
+
+def read_rows(manifest: Path) -> list[dict]:
+    base = manifest.parent
+    rows = []
+    for line in manifest.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            row["path"] = str((base / row["path"]).resolve()) if "://" not in row["path"] else row["path"]
+            rows.append(row)
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict], drop_text: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            row = {k: v for k, v in row.items() if not (drop_text and k == "text")}
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def minutes(rows: list[dict]) -> float:
+    return sum(r["duration"] for r in rows) / 60
+
+
+def duration_subset(rows: list[dict], seconds: float, seed: int) -> list[dict]:
+    """A deterministic subset of about ``seconds`` of audio (rows sorted by path, seeded shuffle, in order)."""
+    rows = sorted(rows, key=lambda r: r["path"])
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    picked, total = [], 0.0
+    for i in order:
+        if total >= seconds:
+            break
+        picked.append(i)
+        total += rows[i]["duration"]
+    return [rows[i] for i in sorted(picked)]
+
+
+def speaker_subset(rows: list[dict], speakers: int, per_speaker: int, seed: int) -> list[dict]:
+    """``per_speaker`` utterances of each of ``speakers`` speakers (seeded): the speaker probe's manifest."""
+    groups: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["path"]):
+        groups.setdefault(r["speaker"], []).append(r)
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(sorted(s for s in groups if len(groups[s]) >= 2), min(speakers, len(groups))))
+    out = []
+    for s in chosen:
+        members = groups[s][:]
+        rng.shuffle(members)
+        out += members[:per_speaker]
+    return out
+
+
+@dataclass
+class Corpus:
+    name: str
+    pretrain: Path                       # unlabeled audio (text dropped)
+    pretrain_valid: Path                 # a few held-out utterances for the pretraining validation loss
+    probe: Path                          # speaker-labelled utterances of the probe
+    budgets: dict[str, Path]             # label budget name -> labeled manifest
+    budget_minutes: dict[str, float]
+    finetune_valid: Path
+    eval_sets: dict[str, Path]
+    notes: list[str] = field(default_factory=list)
+
+
+def build_corpus(name: str, data: Path, work: Path, smoke: bool) -> Corpus:
+    """Write the manifests of ``name``'s arms under ``work/manifests`` (absolute paths; text dropped where the
+    audio is for pretraining)."""
+    src = data / name
+    out = work / "manifests"
+    load = lambda split: read_rows(src / f"{split}.jsonl")  # noqa: E731
+    notes = []
+    if name == "tts-harvard":
+        unlabeled = load("unlabeled")
+        budgets = {"10min": load("train_10min"), "1h": load("train_1h")}
+        evals = {"dev": load("dev"), "test": load("test")}
+        finetune_valid = evals["dev"]
+        probe_source = budgets["1h"]
+    elif name == "speechocean762":
+        train = load("train")
+        unlabeled = [*train, *load("unlabeled")]
+        budgets = {"30min": duration_subset(train, 1800, seed=0), "all": train}
+        evals = {"dev": load("dev")}
+        finetune_valid = evals["dev"]
+        probe_source = train
+        notes.append("dev is also the fine-tuning validation set (best checkpoint by dev WER): the only labeled "
+                     "held-out split of speechocean762.")
+    else:
+        raise SystemExit(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)}")
+    pretrain_valid = duration_subset(finetune_valid, 300, seed=1)  # ~5 min of held-out audio
+    probe = speaker_subset(probe_source, speakers=14 if name == "tts-harvard" else 15, per_speaker=20, seed=0)
+    if smoke:  # a handful of utterances everywhere
+        rng = random.Random(0)
+        unlabeled = rng.sample(unlabeled, 24)
+        budgets = {k: v[: (12 if i == 0 else 20)] for i, (k, v) in enumerate(budgets.items())}
+        evals = {k: v[:10] for k, v in evals.items()}
+        finetune_valid = finetune_valid[:10]
+        pretrain_valid = pretrain_valid[:6]
+        probe = speaker_subset(probe_source, speakers=3, per_speaker=6, seed=0)
+    return Corpus(
+        name=name,
+        pretrain=write_rows(out / "pretrain.jsonl", unlabeled, drop_text=True),
+        pretrain_valid=write_rows(out / "pretrain_valid.jsonl", pretrain_valid, drop_text=True),
+        probe=write_rows(out / "probe_speakers.jsonl", [{k: v for k, v in r.items() if k != "text"} for r in probe]),
+        budgets={k: write_rows(out / f"train_{k}.jsonl", v) for k, v in budgets.items()},
+        budget_minutes={k: minutes(v) for k, v in budgets.items()},
+        finetune_valid=write_rows(out / "finetune_valid.jsonl", finetune_valid),
+        eval_sets={k: write_rows(out / f"eval_{k}.jsonl", v) for k, v in evals.items()},
+        notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages through their Python APIs, configured exactly as the command line would be
+# ---------------------------------------------------------------------------------------------------
+
+def stage_config(command: str, overrides: list[str]):
+    from speech_ssl.cli.hydra_app import build_config, check_overrides, compose_config
+
+    return build_config(command, compose_config(command, check_overrides(command, overrides)))
+
+
+def command_line(command: str, overrides: list[str]) -> str:
+    return "speech-ssl " + command + " " + " ".join(overrides)
+
+
+class Runner:
+    """Runs arms, skipping finished ones, and remembers each arm's command and wall time."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.commands: list[tuple[str, str]] = []  # (arm, command line)
+        self.walls_path = work / "wall_seconds.json"
+        self.walls: dict[str, float] = json.loads(self.walls_path.read_text()) if self.walls_path.exists() else {}
+
+    def run(self, arm: str, command: str, overrides: list[str], done: bool) -> Any:
+        self.commands.append((arm, command_line(command, overrides)))
+        if done:
+            log.info("%s: done before, skipped", arm)
+            return None
+        from speech_ssl.stages import COMMANDS
+
+        cfg = stage_config(command, overrides)
+        log.info("%s: %s", arm, command_line(command, overrides))
+        started = time.monotonic()
+        try:
+            return COMMANDS[command].load().run(cfg)
+        finally:  # wall time adds up over resumes
+            self.walls[arm] = self.walls.get(arm, 0.0) + time.monotonic() - started
+            self.walls_path.write_text(json.dumps(self.walls, indent=1))
+
+
+def training_done(output_dir: Path, updates: int) -> bool:
+    summary = output_dir / "train_summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("updates", -1) >= updates
+
+
+def calibrate(runner: Runner, corpus: Corpus, base: list[str], work: Path, minutes_budget: float, smoke: bool,
+              fixed_updates: Optional[int]) -> dict:
+    """max_updates for the pretraining budget, from a short run's seconds per update (kept in calibration.json)."""
+    path = work / "calibration.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if fixed_updates:
+        result = {"max_updates": fixed_updates, "seconds_per_update": None, "source": "--pretrain-updates"}
+    else:
+        steps = 4 if smoke else 40
+        out = work / "calibrate"
+        runner.run(f"{corpus.name}/calibrate", "pretrain",
+                   [*base, f"output_dir={out}", f"trainer.max_updates={steps}", "trainer.log_every=2" if smoke else
+                    "trainer.log_every=5", f"trainer.checkpoint_every={steps}", "trainer.validate_every=0"],
+                   done=training_done(out, steps))
+        records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        rates = [r["seconds_per_update"] for r in records if r.get("split") == "train" and "seconds_per_update" in r]
+        rate = statistics.median(rates[1:] or rates)  # the first window holds start-up
+        # 15 % of the budget is left for validation, the probes and checkpoints.
+        updates = max(10, int(minutes_budget * 60 * 0.85 / rate))
+        if smoke:
+            updates = min(updates, 12)
+        result = {"max_updates": updates, "seconds_per_update": rate, "calibration_updates": steps,
+                  "budget_minutes": minutes_budget, "source": "calibrated"}
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_corpus(runner: Runner, corpus: Corpus, args, seeds: list[int]) -> dict:
+    work = args.work / corpus.name
+    model = [f"model={args.model}"]
+    pt_dir = work / "pretrain"
+    smoke = args.smoke
+    pt_base = [*model, f"data.train={corpus.pretrain}", "recipe=cpu_tiny", f"trainer.seed={seeds[0]}"]
+    if smoke:
+        pt_base += ["data.crop_duration=2.0", "data.batch_seconds=8.0", "trainer.optim.warmup_updates=2"]
+    calib = calibrate(runner, corpus, pt_base, work, args.pretrain_minutes, smoke, args.pretrain_updates)
+    updates = calib["max_updates"]
+    every = max(1, updates // (3 if smoke else 8))
+    interval = max(1, updates // (2 if smoke else 8))
+    probe = [f"probe.every_updates={every}", f"probe.train={corpus.probe}", "probe.valid=none",
+             "probe.max_utterances=300"]
+    runner.run(f"{corpus.name}/pretrain", "pretrain",
+               [*pt_base, f"data.valid={corpus.pretrain_valid}", f"output_dir={pt_dir}", f"trainer.max_updates={updates}",
+                f"trainer.log_every={max(1, min(25, updates // 10))}", f"trainer.validate_every={interval}",
+                f"trainer.checkpoint_every={interval}", "trainer.keep_last=1", *probe],
+               done=training_done(pt_dir, updates))
+
+    # The probe on the initial weights: the loop seeds torch with trainer.seed before building the model.
+    init_ckpt = work / "init_model"
+    if not (init_ckpt / "config.json").exists():
+        import torch
+
+        from speech_ssl.models import build, save_model
+        from speech_ssl.stages.common import resolve_model_config
+
+        torch.manual_seed(seeds[0])
+        save_model(build(resolve_model_config(args.model, {})), init_ckpt)
+    probe_init = work / "probe_init.json"
+    runner.run(f"{corpus.name}/probe_init", "probe",
+               [f"checkpoint={init_ckpt}", f"train={corpus.probe}", "valid=none", "max_utterances=300",
+                "epochs=100", f"output={probe_init}"], done=probe_init.exists())
+    probe_final = work / "probe_final.json"
+    runner.run(f"{corpus.name}/probe_final", "probe",
+               [f"checkpoint={pt_dir / 'last'}", f"train={corpus.probe}", "valid=none", "max_utterances=300",
+                "epochs=100", f"output={probe_final}"], done=probe_final.exists())
+
+    ft_updates = args.finetune_updates
+    ft_interval = max(1, ft_updates // (2 if smoke else 6))
+    arms = []
+    for budget, manifest in corpus.budgets.items():
+        for init_name, init in (("pretrained", str(pt_dir / "best")), ("scratch", "none")):
+            for seed in seeds:
+                name = f"{budget}_{init_name}_s{seed}"
+                ft_dir = work / "finetune" / name
+                ft = [*model, f"init={init}", f"data.train={manifest}", f"data.valid={corpus.finetune_valid}",
+                      "recipe=cpu_tiny", f"output_dir={ft_dir}", f"trainer.seed={seed}",
+                      f"trainer.max_updates={ft_updates}", f"trainer.validate_every={ft_interval}",
+                      f"trainer.checkpoint_every={ft_interval}"]
+                if smoke:
+                    # A dozen utterances need not hold every letter of the validation transcripts.
+                    ft += ["trainer.log_every=2", "ctc.freeze_updates=2", "data.batch_seconds=12.0",
+                           "data.text.unknown=drop"]
+                runner.run(f"{corpus.name}/finetune/{name}", "finetune", ft, done=training_done(ft_dir, ft_updates))
+                scores = {}
+                for split, eval_manifest in corpus.eval_sets.items():
+                    out = work / "evaluate" / name / f"{split}.json"
+                    runner.run(f"{corpus.name}/evaluate/{name}/{split}", "evaluate",
+                               [f"checkpoint={ft_dir / 'best'}", f"data.test={eval_manifest}", f"output={out}"],
+                               done=out.exists())
+                    scores[split] = json.loads(out.read_text())
+                arms.append({"budget": budget, "minutes": corpus.budget_minutes[budget], "init": init_name,
+                             "seed": seed, "dir": str(ft_dir), "scores": scores,
+                             "updates": json.loads((ft_dir / "train_summary.json").read_text())["updates"]})
+    return {"corpus": corpus.name, "calibration": calib, "pretrain_dir": str(pt_dir), "arms": arms,
+            "probe_init": json.loads(probe_init.read_text()), "probe_final": json.loads(probe_final.read_text()),
+            "pretrain_summary": json.loads((pt_dir / "train_summary.json").read_text()), "notes": corpus.notes,
+            "budget_minutes": corpus.budget_minutes, "eval_sets": list(corpus.eval_sets)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report: plots and RESULTS.md
+# ---------------------------------------------------------------------------------------------------
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pretraining(result: dict, path: Path) -> Path:
+    plt = _plt()
+    records = metrics_records(Path(result["pretrain_dir"]))
+    panels = (("loss (nats per masked frame)", ("loss", "valid_loss")),
+              ("contrastive accuracy", ("accuracy", "valid_accuracy")),
+              ("codebook perplexity", ("code_perplexity", "prob_perplexity")))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    for ax, (title, keys) in zip(axes, panels):
+        for split, style in (("train", "-"), ("valid", "o-")):
+            for key in keys:
+                pts = [(r["update"], r[key]) for r in records if r.get("split") == split and
+                       isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+                if pts:
+                    ax.plot(*zip(*pts), style, markersize=3, label=f"{split} {key}")
+        ax.set_title(title)
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"pretraining on {result['corpus']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def probe_points(result: dict) -> list[tuple[int, float]]:
+    points = [(0, result["probe_init"]["accuracy"])]
+    points += [(r["update"], r["probe_accuracy"]) for r in metrics_records(Path(result["pretrain_dir"]))
+               if r.get("split") == "probe" and "probe_accuracy" in r]
+    return points
+
+
+def plot_probe(results: list[dict], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for result in results:
+        pts = probe_points(result)
+        line = ax.plot(*zip(*pts), "o-", label=f"{result['corpus']} ({result['probe_init']['speakers']} speakers)")
+        ax.axhline(result["probe_init"]["chance_accuracy"], color=line[0].get_color(), ls=":", lw=1)
+    ax.set_xlabel("pretraining updates")
+    ax.set_ylabel("speaker probe accuracy (held out)")
+    ax.set_title("linear speaker probe on the last layer (dotted: chance)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def cer_table(result: dict, split: str) -> dict[tuple[str, str], list[float]]:
+    table: dict[tuple[str, str], list[float]] = {}
+    for arm in result["arms"]:
+        if split in arm["scores"]:
+            table.setdefault((arm["budget"], arm["init"]), []).append(arm["scores"][split]["cer"])
+    return table
+
+
+def plot_cer(results: list[dict], path: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        split = TARGETS[result["corpus"]][0]
+        table = cer_table(result, split)
+        for init, style in (("pretrained", "o-"), ("scratch", "s--")):
+            pts = sorted((result["budget_minutes"][b], values) for (b, i), values in table.items() if i == init)
+            if pts:
+                xs = [p[0] for p in pts]
+                ys = [statistics.mean(p[1]) for p in pts]
+                err = [statistics.pstdev(p[1]) if len(p[1]) > 1 else 0.0 for p in pts]
+                ax.errorbar(xs, ys, yerr=err, fmt=style, capsize=3, label=init)
+        ax.set_xscale("log")
+        ax.set_xlabel("labeled minutes")
+        ax.set_ylabel(f"CER on {split}")
+        ax.set_title(result["corpus"])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def hardware() -> dict[str, Any]:
+    info: dict[str, Any] = {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        info["nproc"] = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip())
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()
+        info["memory_gb"] = round(int(mem[1]) / 1e6, 1)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    info["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return info
+
+
+def _pct(x: Optional[float]) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
+
+
+def _fmt_minutes(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
+
+
+def write_report(results: list[dict], runner: Runner, args, out: Path, started: float) -> Path:
+    figures = out / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    rel = lambda p: os.path.relpath(p, out)  # noqa: E731
+    plots = {r["corpus"]: plot_pretraining(r, figures / f"pretrain_{r['corpus']}.png") for r in results}
+    probe_png = plot_probe(results, figures / "probe_accuracy.png")
+    cer_png = plot_cer(results, figures / "cer_vs_labeled_minutes.png")
+    hw = hardware()
+    seeds = args.seeds
+    lines = ["# Results (issue 9): does self-supervised pretraining pay off with few labels?", ""]
+    if args.smoke:
+        lines += ["> **SMOKE RUN**: tiny budgets on a handful of utterances, to check the runner end to end. "
+                  "These numbers mean nothing; run `benchmarks/results.py` without `--smoke` for the real table.", ""]
+    lines += [f"Generated by `benchmarks/results.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+              f"total wall time of this invocation {_fmt_minutes(time.monotonic() - started)} "
+              f"(arms finished earlier were skipped; their wall times below are from when they ran).", "",
+              "## Setup", "",
+              f"- model: `{args.model}` preset, pretrained with `recipe=cpu_tiny`, fine-tuned with `recipe=cpu_tiny` "
+              f"for {args.finetune_updates} updates (pretrained and from scratch alike), greedy decoding; "
+              f"seeds {', '.join(map(str, seeds))}",
+              f"- hardware: {hw.get('cpu', '?')}, nproc {hw.get('nproc')}, {hw.get('memory_gb', '?')} GB RAM; "
+              f"Python {hw['python']}, torch {hw.get('torch', '?')}; load average at the end {hw['load_average_at_end']} "
+              "(the machine is shared)", ""]
+    for r in results:
+        c = r["calibration"]
+        rate = f"{c['seconds_per_update']:.2f} s/update measured over {c['calibration_updates']} updates" \
+            if c.get("seconds_per_update") else "fixed by --pretrain-updates"
+        lines.append(f"- {r['corpus']}: pretraining budget {args.pretrain_minutes:g} min -> "
+                     f"{c['max_updates']} updates ({rate})")
+    lines.append("")
+    # ---- the main table --------------------------------------------------------------------------
+    lines += ["## Error rates", ""]
+    for r in results:
+        splits = r["eval_sets"]
+        lines += [f"### {r['corpus']}", ""]
+        for note in r["notes"]:
+            lines += [f"Note: {note}", ""]
+        header = "| labels | minutes | init | " + " | ".join(f"CER {s} % | WER {s} %" for s in splits) + \
+            " | CER ratio pretrained / scratch |"
+        lines += [header, "|" + "---|" * (4 + 2 * len(splits))]
+        for budget in r["budget_minutes"]:
+            means: dict[str, dict[str, dict[str, float]]] = {}
+            for init in ("pretrained", "scratch"):
+                arms = [a for a in r["arms"] if a["budget"] == budget and a["init"] == init]
+                means[init] = {s: {k: statistics.mean(a["scores"][s][k] for a in arms) for k in ("cer", "wer")}
+                               for s in splits} if arms else {}
+            for init in ("pretrained", "scratch"):
+                if not means[init]:
+                    continue
+                cells = " | ".join(f"{_pct(means[init][s]['cer'])} | {_pct(means[init][s]['wer'])}" for s in splits)
+                ratio = ""
+                if init == "pretrained" and means["scratch"]:
+                    ratio = " / ".join(f"{means['pretrained'][s]['cer'] / max(means['scratch'][s]['cer'], 1e-9):.2f} ({s})"
+                                       for s in splits)
+                lines.append(f"| {budget} | {r['budget_minutes'][budget]:.1f} | {init} | {cells} | {ratio} |")
+        lines.append("")
+        if len(seeds) > 1:
+            lines += [f"(means over seeds {', '.join(map(str, seeds))}; per-seed values in the JSON below)", ""]
+    # ---- targets -----------------------------------------------------------------------------------
+    lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for r in results:
+        split, budget, bound = TARGETS[r["corpus"]]
+        table = cer_table(r, split)
+        pre, scr = table.get((budget, "pretrained")), table.get((budget, "scratch"))
+        if pre and scr:
+            ratio = statistics.mean(pre) / max(statistics.mean(scr), 1e-9)
+            lines.append(f"| {r['corpus']} {split}, {budget} labels: pretrained CER <= {bound} x scratch | "
+                         f"{_pct(statistics.mean(pre))} % vs {_pct(statistics.mean(scr))} % = {ratio:.2f} x | "
+                         f"{'yes' if ratio <= bound else 'no'} |")
+        records = [x for x in metrics_records(Path(r["pretrain_dir"])) if x.get("split") == "train"
+                   and isinstance(x.get("code_perplexity"), (int, float))]
+        if records:
+            low = min(x["code_perplexity"] for x in records)
+            lines.append(f"| {r['corpus']}: no codebook collapse (code perplexity well above 1 throughout) | "
+                         f"min {low:.1f}, last {records[-1]['code_perplexity']:.1f} | {'yes' if low > 2 else 'no'} |")
+    lines += ["", "## Pretraining", ""]
+    for r in results:
+        m = r["pretrain_summary"].get("metrics", {})
+        v = r["pretrain_summary"].get("valid", {})
+        lines.append(f"- {r['corpus']}: {r['pretrain_summary']['updates']} updates; last train loss "
+                     f"{m.get('loss', float('nan')):.3f}, accuracy {m.get('accuracy', float('nan')):.3f}, code "
+                     f"perplexity {m.get('code_perplexity', float('nan')):.1f}; validation loss "
+                     f"{v.get('valid_loss', float('nan')):.3f}, accuracy {v.get('valid_accuracy', float('nan')):.3f}. "
+                     f"Curves: ![{r['corpus']}]({rel(plots[r['corpus']])})")
+    lines += ["", "## Linear speaker probe during pretraining", "",
+              "Mean-pooled last-layer features, a linear softmax classifier (`speech-ssl probe`), a held-out fifth of "
+              "each speaker's utterances; update 0 is the initial (random) model.", "",
+              f"![probe accuracy]({rel(probe_png)})", "", "| corpus | speakers | chance | update: accuracy |",
+              "|---|---|---|---|"]
+    for r in results:
+        pts = ", ".join(f"{u}: {a:.3f}" for u, a in probe_points(r))
+        lines.append(f"| {r['corpus']} | {r['probe_init']['speakers']} | {r['probe_init']['chance_accuracy']:.3f} | "
+                     f"{pts} |")
+    lines += ["", "## CER against labeled minutes", "", f"![CER vs labeled minutes]({rel(cer_png)})", "",
+              "## Wall times", "", "| arm | wall |", "|---|---|"]
+    for arm, seconds in runner.walls.items():
+        lines.append(f"| {arm} | {_fmt_minutes(seconds)} |")
+    lines += ["", "## Reproduce", "", "The whole table (resumable; finished arms are skipped):", "", "```",
+              " ".join([".venv/bin/python benchmarks/results.py", *args.argv]), "```", "",
+              "Each arm alone (manifests written by the runner under "
+              f"`{os.path.relpath(args.work, ROOT) if args.work.is_relative_to(ROOT) else args.work}/<corpus>/manifests/`):",
+              "", "```"]
+    seen = set()
+    for arm, cmd in runner.commands:
+        if arm not in seen:
+            seen.add(arm)
+            lines.append(f"# {arm}\n{cmd}")
+    lines += ["```", "", "## Raw results", "", "<details><summary>JSON</summary>", "", "```json",
+              json.dumps([{k: v for k, v in r.items() if k not in ("probe_init", "probe_final")} for r in results],
+                         indent=1, default=str)[:60000], "```", "</details>", ""]
+    path = out / "RESULTS.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=CORPORA)
+    parser.add_argument("--pretrain-minutes", type=float, default=None,
+                        help="wall-clock pretraining budget per corpus (default 60; smoke 0.2)")
+    parser.add_argument("--pretrain-updates", type=int, default=None,
+                        help="pretraining updates instead of a calibrated time budget")
+    parser.add_argument("--finetune-updates", type=int, default=None, help="default 1500 (smoke 4)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--model", default="fbank-tiny")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where RESULTS.md and results/*.png go (default docs/; smoke outputs/results-smoke/)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="runs and manifests (default outputs/results/; smoke <out>/work)")
+    parser.add_argument("--data", type=Path, default=DATA, help="the shared corpora (../shared/data)")
+    parser.add_argument("--smoke", action="store_true", help="tiny budgets on a handful of utterances (minutes)")
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.pretrain_minutes is None:
+        args.pretrain_minutes = 0.2 if args.smoke else 60.0
+    if args.finetune_updates is None:
+        args.finetune_updates = 4 if args.smoke else 1500
+    if args.out is None:
+        args.out = ROOT / ("outputs/results-smoke" if args.smoke else "docs")
+    if args.work is None:
+        args.work = args.out / "work" if args.smoke else ROOT / "outputs" / "results"
+    args.out, args.work = args.out.resolve(), args.work.resolve()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("speech_ssl").setLevel(logging.INFO)
+    missing = [c for c in args.corpora if not (args.data / c).is_dir()]
+    if missing:
+        print(f"results.py: no corpus {', '.join(missing)} under {args.data} (see ../shared/data/README.md)",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from speech_ssl.runtime import RayConfig, ray_session
+
+    started = time.monotonic()
+    runner = Runner(args.work)
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = []
+    with ray_session(RayConfig()):  # one local Ray for every stage (each would start its own otherwise)
+        for name in args.corpora:
+            corpus = build_corpus(name, args.data, args.work / name, args.smoke)
+            results.append(run_corpus(runner, corpus, args, args.seeds))
+    (args.work / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    path = write_report(results, runner, args, args.out, started)
+    print(f"wrote {path} and {args.out / 'results'}/*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
