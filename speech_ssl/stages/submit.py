@@ -165,9 +165,10 @@ def run(cfg: Config) -> dict[str, Any]:
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise SpeechSSLError(f"cannot reach the Ray job server at {address}: {err}. Is the cluster up and the "
                              "tunnel open (`ray dashboard ray_cluster.yaml`)?") from None
-    job_id = client.submit_job(entrypoint=command, runtime_env=env, submission_id=cfg.job.submission_id,
-                               entrypoint_num_cpus=cfg.job.entrypoint_num_cpus,
-                               metadata={"speech_ssl_pipeline": cfg.pipeline, "output_dir": cfg.output_dir})
+    job_id = _submit_when_an_agent_is_ready(
+        client, entrypoint=command, runtime_env=env, submission_id=cfg.job.submission_id,
+        entrypoint_num_cpus=cfg.job.entrypoint_num_cpus,
+        metadata={"speech_ssl_pipeline": cfg.pipeline, "output_dir": cfg.output_dir})
     print(f"submitted job {job_id} to {address}\n  entrypoint: {command}\n  working_dir: {env['working_dir']}\n"
           f"  follow: ray job logs --address {address} --follow {job_id}\n"
           f"  stop:   ray job stop --address {address} {job_id}", flush=True)
@@ -194,6 +195,30 @@ def run(cfg: Config) -> dict[str, Any]:
                              f"(logs: ray job logs --address {address} {job_id})")
     print(f"job {job_id} succeeded", flush=True)
     return result
+
+
+def _submit_when_an_agent_is_ready(client, wait_seconds: float = 90.0, **job) -> str:
+    """``submit_job``, retried while the head answers "No available agent": a freshly started head serves
+    the job API seconds before its node agent can take jobs (the same answer a user would otherwise have to
+    retry by hand)."""
+    from speech_ssl.errors import SpeechSSLError
+
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as err:
+            if "No available agent" not in str(err):
+                raise
+            if time.monotonic() > deadline:
+                raise SpeechSSLError(
+                    f"the Ray head accepts requests but no node agent can take jobs after {wait_seconds:.0f} s. "
+                    "Usually the head node's dashboard agent could not bind its port (52365 by default; another "
+                    "Ray on the same machine?): see dashboard_agent.log in the head's Ray log directory "
+                    "(/tmp/ray/session_latest/logs) and restart the head with a free "
+                    "--dashboard-agent-listen-port.") from None
+            log.info("the Ray head has no job agent ready yet; retrying")
+            time.sleep(2.0)
 
 
 async def _stream_logs(client, job_id: str) -> None:
