@@ -181,7 +181,7 @@ def run_ray(manifest: str, hours: float, cpus: int, batch_seconds: float, epochs
     paced = f", consumer paced at {consumer_rate:g} audio-s/s" if consumer_rate else ""
     results = {"run": f"ray data, {cpus} CPU{paced}", "epochs": []}
     with TreeMemory() as mem:
-        ray.init(num_cpus=cpus, object_store_memory=400 << 20, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=cpus, object_store_memory=400 << 20, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         stream = BatchStream(utts, DataConfig(batch_seconds=batch_seconds), FeatureSpec("fbank", n_mels=80), "pad",
                              use_ray=True)
