@@ -335,7 +335,14 @@ def place(device: str, num_actors: Optional[int], actor_cpus: Optional[float], r
     if free <= 0:
         raise SpeechSSLError(f"{n} model actors of {a_cpus:g} CPUs take all {cpus:g} CPUs of the cluster and leave "
                              "none for decoding; lower num_actors or actor_cpus")
-    return Placement(device, n, a_cpus, a_gpus, max(1, math.ceil(a_cpus)), min(reader_cpus, free), cpus, gpus)
+    decode = min(reader_cpus, free)
+    if device == "cpu":
+        # A decode task runs on one node: what the smallest node keeps once its share of actors is placed
+        # (2 nodes of 1 CPU, an actor of 0.5 CPU on each: a decode task of 1 CPU would never be scheduled).
+        node_left = min(node_cpus) - per_node * a_cpus
+        if node_left > 0:
+            decode = min(decode, node_left)
+    return Placement(device, n, a_cpus, a_gpus, max(1, math.ceil(a_cpus)), decode, cpus, gpus)
 
 
 # ---------------------------------------------------------------------------------------------------
