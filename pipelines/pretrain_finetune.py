@@ -83,9 +83,11 @@ def summarize(out: Path, results: dict[str, Any]) -> dict[str, Any]:
     outputs = {
         "pretrained checkpoint": str(out / "pretrain" / "best"),
         "fine-tuned checkpoint": str(out / "finetune" / "best"),
-        "training metrics": f"{out / 'pretrain' / 'metrics.jsonl'}, {out / 'finetune' / 'metrics.jsonl'} "
-                            "(TensorBoard: tensorboard/ in each)",
-        "training curves (PNG)": f"{out / 'pretrain' / 'curves.png'}, {out / 'finetune' / 'curves.png'}",
+        # One path per entry: the summary shows each relative to output_dir.
+        "pretraining metrics (TensorBoard: tensorboard/ beside it)": str(out / "pretrain" / "metrics.jsonl"),
+        "fine-tuning metrics (TensorBoard: tensorboard/ beside it)": str(out / "finetune" / "metrics.jsonl"),
+        "pretraining curves (PNG)": str(out / "pretrain" / "curves.png"),
+        "fine-tuning curves (PNG)": str(out / "finetune" / "curves.png"),
         "test scores": str(out / "evaluate" / "results.json"),
         "test hypotheses": ev.get("hypotheses", str(out / "evaluate" / "results.hyp.jsonl")),
         "embeddings (Parquet)": em.get("output", str(out / "embed")),
