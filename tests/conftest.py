@@ -24,3 +24,16 @@ def ray_local():
              log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules running the in-process training loop (num_workers=0) beside Ray Data's decode tasks on
+    2 cores: with one intra-op thread it neither waits on nor spins against them (two threads ran up to
+    20x slower here when the cores were busy)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,18 +26,7 @@ from speech_ssl.stages import finetune, transcribe
 from speech_ssl.train.config import OptimConfig, TrainerConfig
 from speech_ssl.train.tasks.ctc import CTCConfig
 
-pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The in-process training loop (num_workers=0) shares 2 cores with Ray Data's decode tasks: with one
-    intra-op thread it neither waits on nor spins against them (two threads ran up to 20x slower here when
-    the cores were busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

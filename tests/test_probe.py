@@ -20,15 +20,7 @@ from speech_ssl.probe import holdout_split
 from speech_ssl.stages import pretrain, probe
 from speech_ssl.train.config import OptimConfig, TrainerConfig
 
-pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
