@@ -196,7 +196,7 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
     # A task may carry a monitor (e.g. a linear probe of the representations, speech_ssl.probe.ProbeMonitor):
     # rank 0 runs it on the unwrapped model every ``every_updates`` updates and at the end.
     probe_monitor = getattr(task, "monitor", None)
-    probe_every = int(getattr(probe_monitor, "every_updates", 0) or 0) if probe_monitor is not None else 0
+    probe_every = int(getattr(probe_monitor, "every_updates", 0) or 0)  # no monitor: 0, off
 
     model.train()
     while state.updates < cfg.max_updates:
