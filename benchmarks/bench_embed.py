@@ -14,6 +14,9 @@ CPU mode (default), side by side in one run, each configuration in a fresh subpr
   loop (model loading, Ray start and actor start included for ours; interpreter imports excluded for
   both), audio seconds per CPU second of the process tree (less sensitive to other people's load),
   padding waste, and peak memory of the whole process tree (PSS, shared pages counted once; RSS summed).
+* A roofline per model and layer: the model's matrix-multiply FLOPs per audio second (at the subset's
+  mean utterance length) against this machine's fp32 matmul rate (one thread and all), i.e. the most
+  audio-s/s any exact fp32 implementation could reach here, and each side's share of it.
 * Also the plain decode rate (soundfile + resample, one thread): how many decode cores a given
   embedding rate needs.
 
@@ -141,6 +144,43 @@ def child_prepare(workdir: str, models: list[str], manifest: str, hours: float) 
     return {"utterances": len(utts), "audio_s": sum(u.duration for u in utts)}
 
 
+def encoder_flops_per_audio_second(model: str, layer: int, utterance_seconds: float) -> float:
+    """Matrix-multiply FLOPs to embed one second of audio up to ``layer`` (convs, feature projection,
+    positional convolution, ``layer`` Transformer layers with attention over utterances of the given length)."""
+    from speech_ssl.stages.common import resolve_model_config
+
+    cfg = resolve_model_config(model, {})
+    flops = 0.0
+    steps = int(utterance_seconds * (cfg.sample_rate if cfg.frontend == "conv" else 100))
+    channels = 1 if cfg.frontend == "conv" else cfg.n_mels
+    for out_ch, kernel, stride in zip(cfg.conv_channels, cfg.conv_kernels, cfg.conv_strides):
+        steps = (steps - kernel) // stride + 1
+        flops += 2 * steps * channels * out_ch * kernel
+        channels = out_ch
+    d, f = cfg.embed_dim, cfg.ffn_dim
+    flops += 2 * steps * channels * d + 2 * steps * d * (d // cfg.pos_conv_groups) * cfg.pos_conv_kernel
+    flops += layer * (8 * steps * d * d + 4 * steps * d * f + 4 * steps * steps * d)
+    return flops / utterance_seconds
+
+
+def child_roofline(workdir: str, model: str, layer: int, threads: int) -> dict:
+    """The fp32 matmul rate of this machine (1 thread and ``threads``) and what it allows: the most audio-s/s
+    any implementation doing the model's matrix products exactly could embed here."""
+    import torch
+    from bench_model import matmul_rate
+
+    subset = [json.loads(line) for line in (Path(workdir) / "subset.jsonl").read_text().splitlines()]
+    mean_seconds = sum(r["duration"] for r in subset) / len(subset)
+    flops = encoder_flops_per_audio_second(model, layer, mean_seconds)
+    out = {"gflop_per_audio_s": flops / 1e9, "mean_utterance_s": mean_seconds}
+    for n in sorted({1, threads or torch.get_num_threads()}):
+        torch.set_num_threads(n)
+        rate = matmul_rate("cpu", torch.float32)
+        out[f"matmul_gflops_{n}t"] = rate / 1e9
+        out[f"bound_audio_s_per_s_{n}t"] = rate / flops
+    return out
+
+
 def child_hf(workdir: str, model: str, layer: int, threads: int) -> dict:
     import numpy as np
     import soundfile as sf
@@ -181,7 +221,7 @@ def child_hf(workdir: str, model: str, layer: int, threads: int) -> dict:
 
 
 def child_ours(workdir: str, model: str, layer: int, cpus: int, batch_seconds: float, actors: int,
-               threads: int) -> dict:
+               threads: int, actor_cpus: float = 0.0) -> dict:
     import shutil
 
     from speech_ssl.data import DataConfig
@@ -192,7 +232,8 @@ def child_ours(workdir: str, model: str, layer: int, cpus: int, batch_seconds: f
     shutil.rmtree(out, ignore_errors=True)
     cfg = Config(checkpoint=str(Path(workdir) / f"ours_{model}"), input=str(Path(workdir) / "subset.jsonl"),
                  output=str(out), layers=[layer], pooling="none", dtype="float32", progress_seconds=30,
-                 num_actors=actors or None, actor_cpus=float(threads) if threads else None,
+                 num_actors=actors or None,
+                 actor_cpus=actor_cpus or (float(threads) if threads else None),
                  data=DataConfig(shuffle=False, batch_seconds=batch_seconds),
                  ray=RayConfig(num_cpus=cpus, include_dashboard=False, object_store_memory_mb=400))
     with TreeUsage() as usage:
@@ -326,6 +367,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads of the transformers loop and of each model actor (0: defaults, i.e. "
                              "all cores); 1 gives CPU-second figures that other people's load barely distorts")
+    parser.add_argument("--actor-cpus", type=float, default=0.0,
+                        help="CPUs of each model actor (0: from --threads, else the command's default); e.g. "
+                             "--actors 2 --actor-cpus 0.75: two one-thread actors beside the decode tasks")
     parser.add_argument("--trials", type=int, default=2,
                         help="interleaved runs of each side; the best rate counts (other people's load only slows)")
     # GPU mode
@@ -359,7 +403,10 @@ def main() -> None:
         return
     if args.child == "ours":
         print(json.dumps(child_ours(args.workdir, args.model, args.layer, args.cpus, args.batch_seconds, args.actors,
-                                    args.threads)))
+                                    args.threads, args.actor_cpus)))
+        return
+    if args.child == "roofline":
+        print(json.dumps(child_roofline(args.workdir, args.model, args.layer, args.threads)))
         return
     if args.child == "decode":
         print(json.dumps(child_decode(args.workdir)))
@@ -385,7 +432,8 @@ def main() -> None:
                     load = os.getloadavg()[0]
                     res = _child(["--child", side, "--workdir", workdir, "--model", model, "--layer", str(layer),
                                   "--cpus", str(args.cpus), "--batch-seconds", str(args.batch_seconds),
-                                  "--actors", str(args.actors), "--threads", str(args.threads)])
+                                  "--actors", str(args.actors), "--threads", str(args.threads),
+                                  "--actor-cpus", str(args.actor_cpus)])
                     res["load_before"], res["load_after"] = load, os.getloadavg()[0]
                     trials[side].append(res)
                     extra = (f", padding {100 * res['padding_waste']:.1f}%, pipeline {res['embed_s']:.1f} s, "
@@ -394,16 +442,30 @@ def main() -> None:
                           f"audio-s/s ({res['cpu_rate']:.2f} per CPU-s){extra}; peak memory "
                           f"{res['peak_pss_mb']:.0f} MB PSS ({res['peak_rss_mb']:.0f} MB RSS); load "
                           f"{res['load_before']:.1f} -> {res['load_after']:.1f}", flush=True)
+            roof = _child(["--child", "roofline", "--workdir", workdir, "--model", model, "--layer", str(layer),
+                           "--threads", str(args.threads)])
+            bound = max(v for k, v in roof.items() if k.startswith("bound_audio_s_per_s_"))
+            rates = ", ".join(f"{roof[k]:.0f} GFLOP/s with {k.split('_')[-1][:-1]} thread(s)"
+                              for k in sorted(roof) if k.startswith("matmul_gflops_"))
+            print(f"roofline {model} layer {layer}: {roof['gflop_per_audio_s']:.1f} GFLOP per audio-s (utterances "
+                  f"of {roof['mean_utterance_s']:.1f} s on average); matmul rate {rates}: at most {bound:.2f} "
+                  f"audio-s/s at 100% of it" + "".join(
+                      f"; {side} best {100 * max(r['rate'] for r in runs) / bound:.0f}% of that"
+                      for side, runs in trials.items()), flush=True)
             best = {side: max(runs, key=lambda r: r["rate"]) for side, runs in trials.items()}
             if len(best) < 2:
-                results["runs"].append({"model": model, "layer": layer, "best": best, "trials": trials})
+                results["runs"].append({"model": model, "layer": layer, "best": best, "trials": trials,
+                                        "roofline": roof})
                 continue
             ratio = best["ours"]["rate"] / best["hf"]["rate"]
             cpu_ratio = (max(r["cpu_rate"] for r in trials["ours"]) / max(r["cpu_rate"] for r in trials["hf"]))
             print(f"==> {model} layer {layer}: ours / transformers loop = {ratio:.2f}x wall (best of "
                   f"{args.trials}; {cpu_ratio:.2f}x per CPU-s)", flush=True)
             results["runs"].append({"model": model, "layer": layer, "ratio": ratio, "cpu_ratio": cpu_ratio,
-                                    "best": best, "trials": trials})
+                                    "best": best, "trials": trials, "roofline": roof,
+                                    "max_ratio_at_roofline": bound / best["hf"]["rate"]})
+            print(f"    the most any exact fp32 implementation could reach here: {bound / best['hf']['rate']:.2f}x "
+                  "the loop", flush=True)
     results["load_after"] = os.getloadavg()
     print(f"load average after: {os.getloadavg()}")
     print(json.dumps(results))

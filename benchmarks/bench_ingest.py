@@ -13,6 +13,8 @@ Figures, side by side in one run (each Ray configuration in a fresh subprocess w
 * audio-s per CPU-second of the whole process tree (load-independent: what the work costs);
 * peak memory of each run: the whole process tree (driver, GCS, raylet, workers), summed PSS (each shared
   page counted once) and summed RSS (shared pages counted in every process);
+* ``plain x2``: two plain one-thread loops side by side on half the files each, the ceiling of what two
+  CPUs of this machine give (when 2 CPUs are benchmarked; ``--no-ceiling`` skips it);
 * optionally (``--train-rate``) what one training worker consumes: audio-s/s of forward + backward of the
   tiny pretraining model on the same machine.
 
@@ -142,8 +144,9 @@ def load_subset(manifest: str, hours: float, seed: int = 0):
     return utts
 
 
-def run_plain(manifest: str, hours: float, threads: int | None) -> dict:
-    """The reference: a plain loop, soundfile + torchaudio, in this process."""
+def run_plain(manifest: str, hours: float, threads: int | None, part: str = "") -> dict:
+    """The reference: a plain loop, soundfile + torchaudio, in this process (``part`` "k/n": every n-th file
+    from the k-th, for the two-process ceiling)."""
     import numpy as np
     import soundfile as sf
     import torch
@@ -152,6 +155,9 @@ def run_plain(manifest: str, hours: float, threads: int | None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     utts = load_subset(manifest, hours)
+    if part:
+        k, n = map(int, part.split("/"))
+        utts = utts[k::n]
     seconds = 0.0
     with TreeMemory() as mem:
         t0, c0, m0 = time.perf_counter(), tree_cpu_seconds(), mem.cpu_seconds
@@ -171,7 +177,7 @@ def run_plain(manifest: str, hours: float, threads: int | None) -> dict:
 
 
 def run_ray(manifest: str, hours: float, cpus: int, batch_seconds: float, epochs: int,
-            consumer_rate: float = 0.0) -> dict:
+            consumer_rate: float = 0.0, batches_per_task: int = 0) -> dict:
     import ray
 
     from speech_ssl.data import BatchStream, DataConfig, FeatureSpec
@@ -179,12 +185,14 @@ def run_ray(manifest: str, hours: float, cpus: int, batch_seconds: float, epochs
     utts = load_subset(manifest, hours)
     duration = {u.id: u.duration for u in utts}
     paced = f", consumer paced at {consumer_rate:g} audio-s/s" if consumer_rate else ""
-    results = {"run": f"ray data, {cpus} CPU{paced}", "epochs": []}
+    data = DataConfig(batch_seconds=batch_seconds)
+    if batches_per_task:
+        data.batches_per_task = batches_per_task
+    results = {"run": f"ray data, {cpus} CPU, {data.batches_per_task} batches per task{paced}", "epochs": []}
     with TreeMemory() as mem:
         ray.init(address="local", num_cpus=cpus, object_store_memory=400 << 20, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
-        stream = BatchStream(utts, DataConfig(batch_seconds=batch_seconds), FeatureSpec("fbank", n_mels=80), "pad",
-                             use_ray=True)
+        stream = BatchStream(utts, data, FeatureSpec("fbank", n_mels=80), "pad", use_ray=True)
         for epoch in range(epochs):
             seconds, batches = 0.0, 0
             t0, c0, m0 = time.perf_counter(), tree_cpu_seconds(), mem.cpu_seconds
@@ -201,6 +209,28 @@ def run_ray(manifest: str, hours: float, cpus: int, batch_seconds: float, epochs
         ray.shutdown()
     results["peak_pss_mb"], results["peak_rss_mb"] = mem.peak_pss / 1024, mem.peak_rss / 1024
     return results
+
+
+def run_plain_pair(common: list[str]) -> dict:
+    """The machine's ceiling for two CPUs: two plain one-thread loops side by side, each on half the files.
+
+    Two cores of a VM need not give twice one core's speed (shared physical cores, memory bandwidth, turbo),
+    so this is what *any* 2-CPU pipeline could reach here, measured, not assumed.
+    """
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", "plain", "--threads", "1", "--part", f"{k}/2",
+                               *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    parts = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=1800)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"plain pair child failed:\n{out[-2000:]}\n{err[-4000:]}")
+        parts.append(json.loads(lines[-1]))
+    audio = sum(p["audio_s"] for p in parts)
+    wall = max(p["wall_s"] for p in parts)
+    return {"run": "plain x2 (two one-thread loops side by side, half the files each)", "audio_s": audio,
+            "wall_s": wall, "rate": audio / wall, "cpu_rate": audio / sum(p["audio_s"] / p["cpu_rate"] for p in parts),
+            "peak_pss_mb": sum(p["peak_pss_mb"] for p in parts), "peak_rss_mb": sum(p["peak_rss_mb"] for p in parts)}
 
 
 def run_train_rate(steps: int = 6) -> dict:
@@ -252,14 +282,19 @@ def main() -> None:
                         help="also run 2 CPUs with a consumer that takes this many audio-s/s (memory stays bounded)")
     parser.add_argument("--child", choices=["plain", "ray", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--part", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--batches-per-task", type=int, nargs="+", default=[0],
+                        help="data.batches_per_task of the Ray runs, each value a run (0: the default)")
+    parser.add_argument("--no-ceiling", action="store_true",
+                        help="skip the two-process plain ceiling (measured when 2 CPUs are benchmarked)")
     args = parser.parse_args()
 
     if args.child == "plain":
-        print(json.dumps(run_plain(args.manifest, args.hours, args.threads or None)))
+        print(json.dumps(run_plain(args.manifest, args.hours, args.threads or None, args.part)))
         return
     if args.child == "ray":
         print(json.dumps(run_ray(args.manifest, args.hours, args.cpus[0], args.batch_seconds, args.epochs,
-                                 args.consumer_rate)))
+                                 args.consumer_rate, args.batches_per_task[0])))
         return
     if args.child == "train":
         print(json.dumps(run_train_rate()))
@@ -274,13 +309,18 @@ def main() -> None:
     # torch's two-thread fbank collapses when another process holds a core).
     plain = _child(["--child", "plain", "--threads", "1", *common])
     rows = [plain] + ([_child(["--child", "plain", *common])] if args.default_threads else [])
+    if 2 in args.cpus and not args.no_ceiling:
+        rows.append(run_plain_pair(common))
     for r in rows:
         print(f"{r['run']}: {r['audio_s']:.0f} audio-s in {r['wall_s']:.1f} s = {r['rate']:.0f} audio-s/s "
-              f"({r['cpu_rate']:.0f} audio-s per CPU-s); peak {r['peak_pss_mb']:.0f} MB PSS", flush=True)
-    runs = [(cpus, 0.0) for cpus in args.cpus] + ([(2, args.consumer_rate)] if args.consumer_rate else [])
-    for cpus, rate in runs:
+              f"= {r['rate'] / plain['rate']:.2f}x plain ({r['cpu_rate']:.0f} audio-s per CPU-s); "
+              f"peak {r['peak_pss_mb']:.0f} MB PSS", flush=True)
+    runs = [(cpus, 0.0, per_task) for cpus in args.cpus for per_task in args.batches_per_task] + \
+        ([(2, args.consumer_rate, args.batches_per_task[0])] if args.consumer_rate else [])
+    for cpus, rate, per_task in runs:
         res = _child(["--child", "ray", "--cpus", str(cpus), "--batch-seconds", str(args.batch_seconds),
-                      "--epochs", str(args.epochs), "--consumer-rate", str(rate), *common])
+                      "--epochs", str(args.epochs), "--consumer-rate", str(rate), "--batches-per-task",
+                      str(per_task), *common])
         rows.append(res)
         for e in res["epochs"]:
             print(f"{res['run']}, epoch {e['epoch']} ({'cold' if e['epoch'] == 0 else 'warm'}): "

@@ -240,14 +240,32 @@ def calibrate(runner: Runner, corpus: Corpus, base: list[str], work: Path, minut
         records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
         rates = [r["seconds_per_update"] for r in records if r.get("split") == "train" and "seconds_per_update" in r]
         rate = statistics.median(rates[1:] or rates)  # the first window holds start-up
-        # 15 % of the budget is left for validation, the probes and checkpoints.
-        updates = max(10, int(minutes_budget * 60 * 0.85 / rate))
+        # 20 % of the budget is left for validation, the probes, checkpoints and epoch starts (with 15 % a
+        # 60-minute tts-harvard run took 60.6 min: the 40 calibration updates run faster than the average).
+        updates = max(10, int(minutes_budget * 60 * 0.80 / rate))
         if smoke:
             updates = min(updates, 12)
         result = {"max_updates": updates, "seconds_per_update": rate, "calibration_updates": steps,
                   "budget_minutes": minutes_budget, "source": "calibrated"}
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def temperature_override(model: str, updates: int, anneal_fraction: Optional[float]) -> list[str]:
+    """The Gumbel temperature schedule compressed to this run's length, as a model override.
+
+    fairseq's decay (0.999995 per update) takes the temperature from 2.0 to its floor 0.5 in about 277k of
+    400k updates, ~70 % of the run; over a few thousand updates it would barely leave 2.0, so the quantizer
+    would sample near-uniformly noisy codes for the whole run. The same shape here: the floor is reached
+    after ``anneal_fraction`` of ``updates``. None keeps the preset's decay."""
+    if not anneal_fraction:
+        return []
+    from speech_ssl.stages.common import resolve_model_config
+
+    cfg = resolve_model_config(model, {})
+    steps = max(1, int(updates * anneal_fraction))
+    decay = (cfg.temperature_min / cfg.temperature_max) ** (1.0 / steps)
+    return [f"model_overrides.temperature_decay={decay:.8f}"]
 
 
 def run_corpus(runner: Runner, corpus: Corpus, args, seeds: list[int]) -> dict:
@@ -261,12 +279,14 @@ def run_corpus(runner: Runner, corpus: Corpus, args, seeds: list[int]) -> dict:
                     "trainer.num_workers=0"]
     calib = calibrate(runner, corpus, pt_base, work, args.pretrain_minutes, smoke, args.pretrain_updates)
     updates = calib["max_updates"]
+    pt_model = temperature_override(args.model, updates, args.anneal_fraction)
     every = max(1, updates // (3 if smoke else 8))
     interval = max(1, updates // (2 if smoke else 8))
     probe = [f"probe.every_updates={every}", f"probe.train={corpus.probe}", "probe.valid=none",
              "probe.max_utterances=300"]
     runner.run(f"{corpus.name}/pretrain", "pretrain",
-               [*pt_base, f"data.valid={corpus.pretrain_valid}", f"output_dir={pt_dir}", f"trainer.max_updates={updates}",
+               [*pt_base, *pt_model, f"data.valid={corpus.pretrain_valid}", f"output_dir={pt_dir}",
+                f"trainer.max_updates={updates}",
                 f"trainer.log_every={max(1, min(25, updates // 10))}", f"trainer.validate_every={interval}",
                 f"trainer.checkpoint_every={interval}", "trainer.keep_last=1", *probe],
                done=training_done(pt_dir, updates))
@@ -289,6 +309,18 @@ def run_corpus(runner: Runner, corpus: Corpus, args, seeds: list[int]) -> dict:
     runner.run(f"{corpus.name}/probe_final", "probe",
                [f"checkpoint={pt_dir / 'last'}", f"train={corpus.probe}", "valid=none", "max_utterances=300",
                 "epochs=100", f"output={probe_final}"], done=probe_final.exists())
+
+    # The CTC character probe: how much of the characters a linear layer reads off frozen last-layer
+    # features with the smallest label budget, on the random initial model and after pretraining.
+    probe_ctc = {}
+    ctc_train = next(iter(corpus.budgets.values()))
+    for tag, ckpt in (("init", init_ckpt), ("final", pt_dir / "last")):
+        out = work / f"probe_ctc_{tag}.json"
+        extra = ["data.text.unknown=drop", "epochs=4"] if smoke else []
+        runner.run(f"{corpus.name}/probe_ctc_{tag}", "probe",
+                   [f"checkpoint={ckpt}", "task=ctc", f"train={ctc_train}", f"valid={corpus.finetune_valid}",
+                    "max_utterances=300", f"output={out}", *extra], done=out.exists())
+        probe_ctc[tag] = json.loads(out.read_text())
 
     ft_updates = args.finetune_updates
     ft_interval = max(1, ft_updates // (2 if smoke else 6))
@@ -319,6 +351,7 @@ def run_corpus(runner: Runner, corpus: Corpus, args, seeds: list[int]) -> dict:
                              "updates": json.loads((ft_dir / "train_summary.json").read_text())["updates"]})
     return {"corpus": corpus.name, "calibration": calib, "pretrain_dir": str(pt_dir), "arms": arms,
             "probe_init": json.loads(probe_init.read_text()), "probe_final": json.loads(probe_final.read_text()),
+            "probe_ctc": probe_ctc, "ctc_probe_budget": next(iter(corpus.budgets)),
             "pretrain_summary": json.loads((pt_dir / "train_summary.json").read_text()), "notes": corpus.notes,
             "budget_minutes": corpus.budget_minutes, "eval_sets": list(corpus.eval_sets)}
 
@@ -490,6 +523,10 @@ def write_report(results: list[dict], runner: Runner, args, out: Path, started: 
             if c.get("seconds_per_update") else "fixed by --pretrain-updates"
         lines.append(f"- {r['corpus']}: pretraining budget {args.pretrain_minutes:g} min -> "
                      f"{c['max_updates']} updates ({rate})")
+    lines.append(f"- Gumbel temperature: " + (
+        f"2.0 -> 0.5 over the first {args.anneal_fraction:.0%} of the pretraining updates (fairseq's schedule "
+        "shape compressed to the run; `model_overrides.temperature_decay`)" if args.anneal_fraction else
+        "the preset's per-update decay"))
     lines.append("")
     # ---- the main table --------------------------------------------------------------------------
     lines += ["## Error rates", ""]
@@ -558,6 +595,19 @@ def write_report(results: list[dict], runner: Runner, args, out: Path, started: 
         pts = ", ".join(f"{u}: {a:.3f}" for u, a in probe_points(r))
         lines.append(f"| {r['corpus']} | {r['probe_init']['speakers']} | {r['probe_init']['chance_accuracy']:.3f} | "
                      f"{pts} |")
+    lines += ["", "## Linear CTC character probe", "",
+              "Frame-level last-layer features of the frozen model -> one linear layer trained with CTC on the "
+              "smallest label budget (`speech-ssl probe task=ctc`, 40 epochs, AdamW), greedy-decoded on up to 300 "
+              "utterances of the fine-tuning validation set: how much of the characters the representation makes "
+              "linearly readable, before any fine-tuning.", "",
+              "| corpus | labels | CER random init % | CER pretrained % | WER random init % | WER pretrained % |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        pc = r.get("probe_ctc") or {}
+        if "init" in pc and "final" in pc:
+            lines.append(f"| {r['corpus']} | {r['ctc_probe_budget']} | {_pct(pc['init'].get('cer'))} | "
+                         f"{_pct(pc['final'].get('cer'))} | {_pct(pc['init'].get('wer'))} | "
+                         f"{_pct(pc['final'].get('wer'))} |")
     lines += ["", "## CER against labeled minutes", "", f"![CER vs labeled minutes]({rel(cer_png)})", "",
               "## Wall times", "", "| arm | wall |", "|---|---|"]
     for arm, seconds in runner.walls.items():
@@ -573,7 +623,8 @@ def write_report(results: list[dict], runner: Runner, args, out: Path, started: 
             seen.add(arm)
             lines.append(f"# {arm}\n{cmd}")
     lines += ["```", "", "## Raw results", "", "<details><summary>JSON</summary>", "", "```json",
-              json.dumps([{k: v for k, v in r.items() if k not in ("probe_init", "probe_final")} for r in results],
+              json.dumps([{k: v for k, v in r.items() if k not in ("probe_init", "probe_final", "probe_ctc")}
+                          for r in results],
                          indent=1, default=str)[:60000], "```", "</details>", ""]
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines))
@@ -592,6 +643,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--finetune-updates", type=int, default=None, help="default 1500 (smoke 4)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--model", default="fbank-tiny")
+    parser.add_argument("--anneal-fraction", type=float, default=0.7,
+                        help="the Gumbel temperature reaches its floor after this fraction of the pretraining "
+                             "updates, as fairseq's schedule does over 400k (0: the preset's per-update decay)")
     parser.add_argument("--out", type=Path, default=None,
                         help="where RESULTS.md and results/*.png go (default docs/; smoke outputs/results-smoke/)")
     parser.add_argument("--work", type=Path, default=None,
@@ -624,7 +678,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     runner = Runner(args.work)
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
-    with ray_session(RayConfig()):  # one local Ray for every stage (each would start its own otherwise)
+    # One local Ray for every stage (each would start its own otherwise); no dashboard: on 2 cores its
+    # process takes CPU from the training worker for nothing a batch experiment reads.
+    with ray_session(RayConfig(include_dashboard=False)):
         for name in args.corpora:
             corpus = build_corpus(name, args.data, args.work / name, args.smoke)
             results.append(run_corpus(runner, corpus, args, args.seeds))

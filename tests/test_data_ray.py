@@ -83,3 +83,17 @@ def test_reader_cpus_are_clamped_to_what_the_worker_leaves(ray_local, tmp_path):
         return sum(len(b) for b in stream.iter_epoch(0))
 
     assert ray.get(read.remote(), timeout=120) == 4
+
+
+def test_the_scheduling_loop_runs_outside_the_consuming_process(ray_local, mixed):
+    """Ray Data's executor thread would share the GIL with a training thread (an update took 2x as long)."""
+    import threading
+
+    utts, _ = mixed
+    stream = BatchStream(utts, DataConfig(batch_seconds=3), FeatureSpec("waveform"), "pad", use_ray=True)
+    seen = []
+    for batch in stream.iter_epoch(0):
+        seen.append(len(batch))
+        names = [t.name for t in threading.enumerate()]
+        assert not [n for n in names if n.startswith("StreamingExecutor")], names
+    assert sum(seen) == 10

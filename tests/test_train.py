@@ -100,9 +100,13 @@ def test_two_workers_loss_falls_and_resume_equals_a_straight_run(ray_with_dashbo
 
 
 def _train_worker_pids() -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    # This module's Ray by its address: without one the state API autodetects, and fails when another Ray
+    # runs on the machine.
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
     return [a.pid for a in actors if a.pid]
 
 
