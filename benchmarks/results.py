@@ -523,6 +523,10 @@ def write_report(results: list[dict], runner: Runner, args, out: Path, started: 
             if c.get("seconds_per_update") else "fixed by --pretrain-updates"
         lines.append(f"- {r['corpus']}: pretraining budget {args.pretrain_minutes:g} min -> "
                      f"{c['max_updates']} updates ({rate})")
+    missing = [c for c in CORPORA if c not in {r["corpus"] for r in results}]
+    if missing:
+        lines.append(f"- not in this run: {', '.join(missing)} (add it with `--corpora {' '.join(CORPORA)}`; "
+                     "finished arms are kept)")
     lines.append(f"- Gumbel temperature: " + (
         f"2.0 -> 0.5 over the first {args.anneal_fraction:.0%} of the pretraining updates (fairseq's schedule "
         "shape compressed to the run; `model_overrides.temperature_decay`)" if args.anneal_fraction else
