@@ -145,22 +145,15 @@ def child_prepare(workdir: str, models: list[str], manifest: str, hours: float) 
 
 
 def encoder_flops_per_audio_second(model: str, layer: int, utterance_seconds: float) -> float:
-    """Matrix-multiply FLOPs to embed one second of audio up to ``layer`` (convs, feature projection,
-    positional convolution, ``layer`` Transformer layers with attention over utterances of the given length)."""
+    """Matrix-multiply FLOPs to embed one second of audio up to ``layer`` (bench_model's encoder count, for
+    utterances of the given length)."""
+    from bench_model import encoder_flops
+
     from speech_ssl.stages.common import resolve_model_config
 
     cfg = resolve_model_config(model, {})
-    flops = 0.0
     steps = int(utterance_seconds * (cfg.sample_rate if cfg.frontend == "conv" else 100))
-    channels = 1 if cfg.frontend == "conv" else cfg.n_mels
-    for out_ch, kernel, stride in zip(cfg.conv_channels, cfg.conv_kernels, cfg.conv_strides):
-        steps = (steps - kernel) // stride + 1
-        flops += 2 * steps * channels * out_ch * kernel
-        channels = out_ch
-    d, f = cfg.embed_dim, cfg.ffn_dim
-    flops += 2 * steps * channels * d + 2 * steps * d * (d // cfg.pos_conv_groups) * cfg.pos_conv_kernel
-    flops += layer * (8 * steps * d * d + 4 * steps * d * f + 4 * steps * steps * d)
-    return flops / utterance_seconds
+    return encoder_flops(cfg, 1, steps, layer) / utterance_seconds
 
 
 def child_roofline(workdir: str, model: str, layer: int, threads: int) -> dict:

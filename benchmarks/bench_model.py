@@ -69,8 +69,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def forward_flops(cfg: ModelConfig, batch: int, steps_in: int, mask_fraction: float = 0.49) -> float:
-    """Matrix-multiply FLOPs of one pretraining forward (convs, projections, attention, heads)."""
+def encoder_flops(cfg: ModelConfig, batch: int, steps_in: int, num_layers: Optional[int] = None) -> float:
+    """Matrix-multiply FLOPs of the encoder up to ``num_layers`` Transformer layers (all by default): convs,
+    feature projection, positional convolution, attention projections, attention, feed-forward."""
     flops = 0.0
     time_steps, channels = steps_in, (1 if cfg.frontend == "conv" else cfg.n_mels)
     for out_ch, kernel, stride in zip(cfg.conv_channels, cfg.conv_kernels, cfg.conv_strides):
@@ -82,7 +83,18 @@ def forward_flops(cfg: ModelConfig, batch: int, steps_in: int, mask_fraction: fl
     flops += 2 * frames * channels * d  # feature projection
     flops += 2 * frames * d * (d // cfg.pos_conv_groups) * cfg.pos_conv_kernel
     per_layer = 2 * frames * d * 3 * d + 2 * frames * d * d + 4 * frames * d * f + 4 * batch * time_steps ** 2 * d
-    flops += cfg.num_layers * per_layer
+    return flops + (cfg.num_layers if num_layers is None else num_layers) * per_layer
+
+
+def forward_flops(cfg: ModelConfig, batch: int, steps_in: int, mask_fraction: float = 0.49) -> float:
+    """Matrix-multiply FLOPs of one pretraining forward (convs, projections, attention, heads)."""
+    flops = encoder_flops(cfg, batch, steps_in)
+    time_steps, channels = steps_in, (1 if cfg.frontend == "conv" else cfg.n_mels)
+    for kernel, stride in zip(cfg.conv_kernels, cfg.conv_strides):
+        time_steps = (time_steps - kernel) // stride + 1
+    channels = cfg.conv_channels[-1]
+    frames = batch * time_steps
+    d = cfg.embed_dim
     masked = mask_fraction * frames
     gv = cfg.codebook_groups * cfg.codebook_entries
     flops += 2 * masked * (d * cfg.final_dim + channels * gv + gv * cfg.codebook_dim / cfg.codebook_groups
