@@ -618,14 +618,15 @@ def write_report(results: list[dict], runner: Runner, args, out: Path, started: 
         lines.append(f"| {arm} | {_fmt_minutes(seconds)} |")
     lines += ["", "## Reproduce", "", "The whole table (resumable; finished arms are skipped):", "", "```",
               " ".join([".venv/bin/python benchmarks/results.py", *args.argv]), "```", "",
-              "Each arm alone (manifests written by the runner under "
+              "Each arm alone, from the repository root (manifests written by the runner under "
               f"`{os.path.relpath(args.work, ROOT) if args.work.is_relative_to(ROOT) else args.work}/<corpus>/manifests/`):",
               "", "```"]
     seen = set()
     for arm, cmd in runner.commands:
         if arm not in seen:
             seen.add(arm)
-            lines.append(f"# {arm}\n{cmd}")
+            # paths relative to the repository root, where the commands are meant to run
+            lines.append(f"# {arm}\n{cmd.replace(str(ROOT) + os.sep, '')}")
     lines += ["```", "", "## Raw results", "", "<details><summary>JSON</summary>", "", "```json",
               json.dumps([{k: v for k, v in r.items() if k not in ("probe_init", "probe_final", "probe_ctc")}
                           for r in results],

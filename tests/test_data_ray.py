@@ -97,3 +97,22 @@ def test_the_scheduling_loop_runs_outside_the_consuming_process(ray_local, mixed
         names = [t.name for t in threading.enumerate()]
         assert not [n for n in names if n.startswith("StreamingExecutor")], names
     assert sum(seen) == 10
+
+
+def test_one_helper_actor_serves_every_epoch_and_an_abandoned_epoch_leaks_nothing(ray_local, mixed):
+    """A helper process per epoch cost seconds per epoch and per validation pass; one per stream does not."""
+    from ray._private.state import actors  # the GCS actor table (the state API needs the dashboard)
+
+    utts, _ = mixed
+    cfg = DataConfig(batch_seconds=2)
+    local = BatchStream(utts, cfg, FeatureSpec("waveform"), "pad", seed=1, use_ray=False)
+    stream = BatchStream(utts, cfg, FeatureSpec("waveform"), "pad", seed=1, use_ray=True)
+    list(BatchStream(utts, cfg, FeatureSpec("waveform"), "pad", use_ray=True).iter_epoch(0))  # Ray Data's own actors
+    before = set(actors())
+    first = stream.iter_epoch(0)
+    next(first)  # the consumer leaves epoch 0 after one batch (a run that reached max_updates)
+    first.close()
+    for epoch in (1, 2, 3):
+        _same(list(stream.iter_epoch(epoch)), list(local.iter_epoch(epoch)))
+    created = [info for actor_id, info in actors().items() if actor_id not in before]
+    assert len(created) == 1, [info.get("ActorClassName") for info in created]

@@ -7,8 +7,9 @@ alone (see :mod:`speech_ssl.data.plan`), takes this rank's share, and turns each
 * ``use_ray=True``: the planned batches become a Ray Data dataset (``cfg.batches_per_task`` per block);
   a ``map_batches`` task per block decodes, resamples, featurises and collates it on a CPU worker
   (``cfg.num_cpus_per_reader`` CPUs each, at most ``cfg.max_readers`` at once), with
-  ``preserve_order`` so batches arrive in plan order, and at most ``cfg.prefetch_batches`` waiting. The
-  calling process (a Ray Train worker) only turns bytes into tensors.
+  ``preserve_order`` so batches arrive in plan order, and at most ``cfg.prefetch_batches`` waiting. Ray
+  Data's executor runs in a feeder actor started once per stream (:mod:`speech_ssl.data.feeder`); the
+  calling process (a Ray Train worker) only fetches blocks and turns bytes into tensors.
 * ``use_ray=False``: the same :class:`~speech_ssl.data.collate.Collator` runs in this process.
 
 Resuming: ``iter_epoch(epoch, start=k)`` skips the first ``k`` planned batches of this rank without
@@ -150,6 +151,7 @@ class BatchStream:
         self.rows, filtered = expand_rows(utterances, cfg)
         self._durations = np.array([r.duration for r in self.rows], dtype=np.float64)
         self._plans: dict[int, list[list[int]]] = {}
+        self._feeder = None  # the actor that executes this stream's Ray Data datasets, started on first use
 
         # Rows dropped before planning are accounted once, by rank 0, so merged reports add up.
         self.report = IngestReport()
@@ -247,6 +249,8 @@ class BatchStream:
                                  "or a Ray Train worker); use use_ray=False for single-process use")
         from ray.data import ExecutionResources, TaskPoolStrategy
 
+        from speech_ssl.data.feeder import iter_blocks, start_feeder
+
         num_cpus, free_cpus = reader_cpus(self.cfg.num_cpus_per_reader)
         items = [{"job": json.dumps(job)} for job in jobs]
         # A few planned batches per task: Ray Data's scheduling loop costs the consumer's process CPU per task.
@@ -265,14 +269,11 @@ class BatchStream:
             cpu=free_cpus, object_store_memory=float(self.cfg.buffer_mb) * (1 << 20))
         ctx.print_on_execution_start = False
         ctx.enable_progress_bars = False  # one bar per epoch per worker is noise; the training loop logs progress
-        # Ray Data's scheduling loop runs in a thread of the process that executes the dataset. In a training
-        # worker it would share the GIL with the training thread, which then waits for the GIL after each
-        # of its thousands of small operations: measured here (fbank-tiny, 1 CPU), an optimizer step went
-        # from 0.03 s to 0.4 s and an update took 2x as long. A one-way streaming split runs the executor in
-        # a coordinator actor (its own process, no CPU reserved) and leaves this process only the fetching.
-        source = ds.streaming_split(1, equal=False)[0]
-        for table in source.iter_batches(batch_size=None, batch_format="pyarrow",
-                                         prefetch_batches=max(0, self.cfg.prefetch_batches)):
+        # Ray Data's scheduling loop would share this process's GIL with a training thread: a feeder actor,
+        # started once per stream, executes every epoch's dataset instead (see speech_ssl.data.feeder).
+        if self._feeder is None:
+            self._feeder = start_feeder()
+        for table in iter_blocks(self._feeder, ds, ahead=max(1, self.cfg.prefetch_batches)):
             metas = table.column("meta").to_pylist()
             buffers = table.column("inputs")
             for k, meta in enumerate(metas):
