@@ -217,15 +217,13 @@ def run_plain_pair(common: list[str]) -> dict:
     Two cores of a VM need not give twice one core's speed (shared physical cores, memory bandwidth, turbo),
     so this is what *any* 2-CPU pipeline could reach here, measured, not assumed.
     """
-    procs = [subprocess.Popen([sys.executable, __file__, "--child", "plain", "--threads", "1", "--part", f"{k}/2",
-                               *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    args = [["--child", "plain", "--threads", "1", "--part", f"{k}/2", *common] for k in range(2)]
+    procs = [subprocess.Popen([sys.executable, __file__, *a], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for a in args]
     parts = []
-    for proc in procs:
+    for a, proc in zip(args, procs):
         out, err = proc.communicate(timeout=1800)
-        lines = [line for line in out.splitlines() if line.startswith("{")]
-        if proc.returncode or not lines:
-            raise RuntimeError(f"plain pair child failed:\n{out[-2000:]}\n{err[-4000:]}")
-        parts.append(json.loads(lines[-1]))
+        parts.append(_child_result(a, out, err, proc.returncode))
     audio = sum(p["audio_s"] for p in parts)
     wall = max(p["wall_s"] for p in parts)
     return {"run": "plain x2 (two one-thread loops side by side, half the files each)", "audio_s": audio,
@@ -260,12 +258,17 @@ def run_train_rate(steps: int = 6) -> dict:
     return {"run": "tiny model forward+backward", "rate": steps * batch * seconds / wall}
 
 
+def _child_result(args: list[str], stdout: str, stderr: str, returncode: int = 0) -> dict:
+    """A benchmark child's result: the last JSON line of its output (an error without one, or on ``returncode``)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if returncode or not lines:
+        raise RuntimeError(f"benchmark child {args} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
 def _child(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=1800)
-    for line in out.stdout.splitlines()[::-1]:
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"benchmark child {args} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return _child_result(args, out.stdout, out.stderr)
 
 
 def main() -> None:

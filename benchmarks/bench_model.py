@@ -72,6 +72,12 @@ def sync(device: str) -> None:
 def encoder_flops(cfg: ModelConfig, batch: int, steps_in: int, num_layers: Optional[int] = None) -> float:
     """Matrix-multiply FLOPs of the encoder up to ``num_layers`` Transformer layers (all by default): convs,
     feature projection, positional convolution, attention projections, attention, feed-forward."""
+    return _encoder_flops_and_frames(cfg, batch, steps_in, num_layers)[0]
+
+
+def _encoder_flops_and_frames(cfg: ModelConfig, batch: int, steps_in: int,
+                              num_layers: Optional[int] = None) -> tuple[float, int]:
+    """(encoder FLOPs, front-end output steps per utterance): the pretraining heads need the latter too."""
     flops = 0.0
     time_steps, channels = steps_in, (1 if cfg.frontend == "conv" else cfg.n_mels)
     for out_ch, kernel, stride in zip(cfg.conv_channels, cfg.conv_kernels, cfg.conv_strides):
@@ -83,15 +89,12 @@ def encoder_flops(cfg: ModelConfig, batch: int, steps_in: int, num_layers: Optio
     flops += 2 * frames * channels * d  # feature projection
     flops += 2 * frames * d * (d // cfg.pos_conv_groups) * cfg.pos_conv_kernel
     per_layer = 2 * frames * d * 3 * d + 2 * frames * d * d + 4 * frames * d * f + 4 * batch * time_steps ** 2 * d
-    return flops + (cfg.num_layers if num_layers is None else num_layers) * per_layer
+    return flops + (cfg.num_layers if num_layers is None else num_layers) * per_layer, time_steps
 
 
 def forward_flops(cfg: ModelConfig, batch: int, steps_in: int, mask_fraction: float = 0.49) -> float:
     """Matrix-multiply FLOPs of one pretraining forward (convs, projections, attention, heads)."""
-    flops = encoder_flops(cfg, batch, steps_in)
-    time_steps, channels = steps_in, (1 if cfg.frontend == "conv" else cfg.n_mels)
-    for kernel, stride in zip(cfg.conv_kernels, cfg.conv_strides):
-        time_steps = (time_steps - kernel) // stride + 1
+    flops, time_steps = _encoder_flops_and_frames(cfg, batch, steps_in)
     channels = cfg.conv_channels[-1]
     frames = batch * time_steps
     d = cfg.embed_dim

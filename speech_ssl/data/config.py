@@ -43,9 +43,9 @@ class DataConfig:
     shuffle: reshuffle rows and batches every epoch (from the seed); false: batches in length order.
     num_cpus_per_reader: CPUs a Ray Data decode task asks for (fractions allowed).
     max_readers: at most this many decode tasks at once (null: as many as Ray Data's CPUs allow).
-    batches_per_task: planned batches one Ray Data task decodes (fewer, larger tasks cost the consuming
-        process less scheduling CPU; more make the first batch arrive later).
-    prefetch_batches: Ray Data blocks (of batches_per_task batches) the consumer's iterator holds ready.
+    batches_per_task: planned batches one Ray Data task decodes (fewer, larger tasks cost less scheduling
+        CPU; more make the first batch arrive later).
+    prefetch_batches: Ray Data blocks (of batches_per_task batches) the consumer keeps requested ahead.
     buffer_mb: object store memory one stream's decoded batches may take ahead of its consumer (Ray Data's
         budget for the stream; a few batches of batch_seconds audio need a few MB each).
     extensions: audio file suffixes picked up when a directory or a list is scanned.

@@ -253,7 +253,7 @@ class BatchStream:
 
         num_cpus, free_cpus = reader_cpus(self.cfg.num_cpus_per_reader)
         items = [{"job": json.dumps(job)} for job in jobs]
-        # A few planned batches per task: Ray Data's scheduling loop costs the consumer's process CPU per task.
+        # A few planned batches per task: Ray Data's scheduling loop (in the feeder) costs CPU per task.
         per_task = max(1, self.cfg.batches_per_task)
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_task)))
         ds = ds.map_batches(
@@ -273,7 +273,7 @@ class BatchStream:
         # started once per stream, executes every epoch's dataset instead (see speech_ssl.data.feeder).
         if self._feeder is None:
             self._feeder = start_feeder()
-        for table in iter_blocks(self._feeder, ds, ahead=max(1, self.cfg.prefetch_batches)):
+        for table in iter_blocks(self._feeder, ds, ahead=self.cfg.prefetch_batches):
             metas = table.column("meta").to_pylist()
             buffers = table.column("inputs")
             for k, meta in enumerate(metas):
