@@ -89,6 +89,66 @@ def tree_cpu_seconds() -> float:
     return total / tick
 
 
+def _role(pid: int) -> str:
+    """What a process of the tree is, from its (Ray-set) title: where the CPU of a Ray run goes."""
+    if pid == os.getpid():
+        return "consumer (this process)"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "gone"
+    for key, role in (("gcs_server", "gcs_server"), ("raylet", "raylet"), ("Feeder", "feeder actor"),
+                      ("ray::", "Ray Data task workers")):
+        if key in title:
+            return role
+    return "other Ray helpers (log monitor, agents)"
+
+
+def tree_cpu_by_role() -> dict[int, tuple[str, float]]:
+    """pid -> (role, user + system CPU seconds so far) over this process and its live descendants.
+
+    Ray Data task workers are split into their main threads (where the tasks run: decoding, fbank, packing)
+    and their other threads (Ray's core worker: RPC, object transfer, metrics) under a pseudo-pid."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in _tree(os.getpid()):
+        role = _role(pid)
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        main = other = 0
+        for tid in threads:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime
+            if int(tid) == pid:
+                main += ticks
+            else:
+                other += ticks
+        if role == "Ray Data task workers":
+            out[pid] = (role + ", main threads", main / tick)
+            out[-pid] = (role + ", Ray's other threads", other / tick)
+        else:
+            out[pid] = (role, (main + other) / tick)
+    return out
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each role spent between two ``tree_cpu_by_role`` snapshots (a process's latest title wins;
+    task workers' titles change with the task they run)."""
+    roles: dict[str, float] = {}
+    for pid, (role, cpu) in after.items():
+        if role == "gone" and pid in before:
+            role = before[pid][0]
+        roles[role] = roles.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
+    return dict(sorted(roles.items(), key=lambda kv: -kv[1]))
+
+
 class TreeMemory:
     """Samples the summed PSS/RSS of this process and all its descendants every ``interval`` seconds.
 
@@ -177,7 +237,7 @@ def run_plain(manifest: str, hours: float, threads: int | None, part: str = "") 
 
 
 def run_ray(manifest: str, hours: float, cpus: int, batch_seconds: float, epochs: int,
-            consumer_rate: float = 0.0, batches_per_task: int = 0) -> dict:
+            consumer_rate: float = 0.0, batches_per_task: int = 0, reader_cpus: float = 0.0) -> dict:
     import ray
 
     from speech_ssl.data import BatchStream, DataConfig, FeatureSpec
@@ -188,22 +248,27 @@ def run_ray(manifest: str, hours: float, cpus: int, batch_seconds: float, epochs
     data = DataConfig(batch_seconds=batch_seconds)
     if batches_per_task:
         data.batches_per_task = batches_per_task
-    results = {"run": f"ray data, {cpus} CPU, {data.batches_per_task} batches per task{paced}", "epochs": []}
+    if reader_cpus:
+        data.num_cpus_per_reader = reader_cpus
+    results = {"run": f"ray data, {cpus} CPU, {data.batches_per_task} batches per task, "
+                      f"{data.num_cpus_per_reader:g} CPU per decode task{paced}", "epochs": []}
     with TreeMemory() as mem:
         ray.init(address="local", num_cpus=cpus, object_store_memory=400 << 20, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         stream = BatchStream(utts, data, FeatureSpec("fbank", n_mels=80), "pad", use_ray=True)
         for epoch in range(epochs):
             seconds, batches = 0.0, 0
-            t0, c0, m0 = time.perf_counter(), tree_cpu_seconds(), mem.cpu_seconds
+            t0, c0, m0, r0 = time.perf_counter(), tree_cpu_seconds(), mem.cpu_seconds, tree_cpu_by_role()
             for batch in stream.iter_epoch(epoch):
                 seconds += sum(duration[i] for i in batch.ids)
                 batches += 1
                 if consumer_rate:  # a training worker that needs this long for the batch
                     time.sleep(max(0.0, seconds / consumer_rate - (time.perf_counter() - t0)))
             wall, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0 - (mem.cpu_seconds - m0)
+            roles = cpu_by_role(r0, tree_cpu_by_role())
+            roles["consumer (this process)"] -= mem.cpu_seconds - m0  # the memory sampler is not the consumer
             results["epochs"].append({"epoch": epoch, "audio_s": seconds, "wall_s": wall, "rate": seconds / wall,
-                                      "cpu_rate": seconds / cpu, "batches": batches})
+                                      "cpu_rate": seconds / cpu, "batches": batches, "cpu_s_by_role": roles})
         results["padding_waste"] = stream.report.padding_waste
         results["report"] = stream.report.summary_line("bench")
         ray.shutdown()
@@ -288,6 +353,8 @@ def main() -> None:
     parser.add_argument("--part", default="", help=argparse.SUPPRESS)
     parser.add_argument("--batches-per-task", type=int, nargs="+", default=[0],
                         help="data.batches_per_task of the Ray runs, each value a run (0: the default)")
+    parser.add_argument("--reader-cpus", type=float, nargs="+", default=[0.0],
+                        help="data.num_cpus_per_reader of the Ray runs, each value a run (0: the default)")
     parser.add_argument("--no-ceiling", action="store_true",
                         help="skip the two-process plain ceiling (measured when 2 CPUs are benchmarked)")
     args = parser.parse_args()
@@ -297,7 +364,7 @@ def main() -> None:
         return
     if args.child == "ray":
         print(json.dumps(run_ray(args.manifest, args.hours, args.cpus[0], args.batch_seconds, args.epochs,
-                                 args.consumer_rate, args.batches_per_task[0])))
+                                 args.consumer_rate, args.batches_per_task[0], args.reader_cpus[0])))
         return
     if args.child == "train":
         print(json.dumps(run_train_rate()))
@@ -318,18 +385,23 @@ def main() -> None:
         print(f"{r['run']}: {r['audio_s']:.0f} audio-s in {r['wall_s']:.1f} s = {r['rate']:.0f} audio-s/s "
               f"= {r['rate'] / plain['rate']:.2f}x plain ({r['cpu_rate']:.0f} audio-s per CPU-s); "
               f"peak {r['peak_pss_mb']:.0f} MB PSS", flush=True)
-    runs = [(cpus, 0.0, per_task) for cpus in args.cpus for per_task in args.batches_per_task] + \
-        ([(2, args.consumer_rate, args.batches_per_task[0])] if args.consumer_rate else [])
-    for cpus, rate, per_task in runs:
+    runs = [(cpus, 0.0, per_task, reader) for cpus in args.cpus for per_task in args.batches_per_task
+            for reader in args.reader_cpus] + \
+        ([(2, args.consumer_rate, args.batches_per_task[0], args.reader_cpus[0])] if args.consumer_rate else [])
+    for cpus, rate, per_task, reader in runs:
         res = _child(["--child", "ray", "--cpus", str(cpus), "--batch-seconds", str(args.batch_seconds),
                       "--epochs", str(args.epochs), "--consumer-rate", str(rate), "--batches-per-task",
-                      str(per_task), *common])
+                      str(per_task), "--reader-cpus", str(reader), *common])
         rows.append(res)
         for e in res["epochs"]:
             print(f"{res['run']}, epoch {e['epoch']} ({'cold' if e['epoch'] == 0 else 'warm'}): "
                   f"{e['audio_s']:.0f} audio-s in {e['wall_s']:.1f} s = {e['rate']:.0f} audio-s/s = "
                   f"{e['rate'] / plain['rate']:.2f}x plain ({e['cpu_rate']:.0f} audio-s per CPU-s of the whole "
                   f"process tree = {e['cpu_rate'] / plain['cpu_rate']:.2f}x plain's)", flush=True)
+            plain_cpu = e["audio_s"] / plain["cpu_rate"]  # what the plain loop needs for the same audio
+            print("    CPU seconds by process: " + ", ".join(
+                f"{role} {cpu:.1f}" for role, cpu in e["cpu_s_by_role"].items() if abs(cpu) >= 0.05)
+                + f" (the plain loop: {plain_cpu:.1f} for the same audio)", flush=True)
         print(f"  peak memory of the whole run: {res['peak_pss_mb']:.0f} MB PSS ({res['peak_rss_mb']:.0f} MB "
               f"summed RSS); padding waste {100 * res['padding_waste']:.1f}%; {res['report']}", flush=True)
     again = _child(["--child", "plain", "--threads", "1", *common])  # load on a shared machine drifts

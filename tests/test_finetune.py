@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import jiwer
@@ -49,7 +50,7 @@ def trained(ray_local, toy, tmp_path_factory):
                  f"data.valid={toy['test']}", "data.batch_seconds=6", "trainer.num_workers=0",
                  "trainer.max_updates=120", "trainer.log_every=20", "trainer.validate_every=60",
                  "trainer.checkpoint_every=60", "trainer.optim.lr=1.5e-3", "ctc.freeze_updates=0",
-                 "ctc.mask_prob=0", "ctc.mask_channel_prob=0"])
+                 "ctc.mask_prob=0", "ctc.mask_channel_prob=0", "ctc.select_by=valid_cer"])
     assert code == 0
     return out
 
@@ -87,6 +88,14 @@ def test_finetuned_tiny_model_learns_the_toy_task_and_evaluate_agrees_with_jiwer
     assert summary["updates"] == 120
     assert (trained / "best" / "model.safetensors").is_file() and (trained / "last" / "vocab.json").is_file()
     assert set(json.loads((trained / "best" / "lexicon_words.json").read_text())) == set(toy["words"])
+    # ctc.select_by=valid_cer: the best checkpoint is the validation with the lowest CER, and its score is a CER.
+    valid = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    valid = [m for m in valid if m["split"] == "valid"]
+    assert [m["update"] for m in valid] == [60, 120]
+    best = min(valid, key=lambda m: m["valid_cer"])
+    assert Path(os.path.realpath(trained / "best")).name == f"checkpoint_{best['update']:08d}"
+    state = json.loads((trained / "last" / "trainer_state.json").read_text())
+    assert state["best_score"] == best["valid_cer"] != best["valid_wer"]
 
     # The missing file is quarantined and counted, not fatal.
     result, written, rows = greedy

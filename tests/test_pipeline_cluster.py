@@ -150,6 +150,12 @@ def test_embedding_decode_tasks_fit_on_a_node_beside_the_model_actors(monkeypatc
     monkeypatch.setattr(ray, "nodes", lambda: [head, one_cpu, dict(one_cpu)])
     placed = place("cpu", None, None, 1.0)
     assert (placed.num_actors, placed.actor_cpus, placed.reader_cpus) == (2, 0.5, 0.5)
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])  # one node: as before
+    # One 2-CPU node: two one-thread actors sharing 1.5 CPUs.
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     placed = place("cpu", None, None, 1.0)
-    assert (placed.num_actors, placed.actor_cpus, placed.reader_cpus) == (1, 1.5, 0.5)
+    assert (placed.num_actors, placed.actor_cpus, placed.threads, placed.reader_cpus) == (2, 0.75, 1, 0.5)
+    # Two 32-CPU nodes: at most 8 actors a node, two threads each.
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 32.0}}] * 2)
+    placed = place("cpu", None, None, 1.0)
+    assert (placed.num_actors, placed.actor_cpus, placed.threads, placed.reader_cpus) == (16, 3.9375, 4, 0.5)

@@ -295,6 +295,11 @@ _LIBC = None
 # Resources: how many actors, with what, and what is left for decoding
 # ---------------------------------------------------------------------------------------------------
 
+# Memory, not CPUs, bounds CPU actors on big nodes: each holds the model and a batch's activations (base:
+# ~1.5-2 GB), and past a few threads per actor intra-op parallelism loses little.
+MAX_CPU_ACTORS_PER_NODE = 8
+
+
 @dataclass
 class Placement:
     device: str
@@ -326,7 +331,10 @@ def place(device: str, num_actors: Optional[int], actor_cpus: Optional[float], r
         a_cpus = actor_cpus if actor_cpus is not None else 1.0
         a_gpus = 1.0
     else:
-        n = num_actors or len([c for c in node_cpus if c > 0]) or 1
+        # One actor per CPU of a node (up to MAX_CPU_ACTORS_PER_NODE), each with one intra-op thread: on CPUs
+        # independent single-thread actors beat one multi-thread actor (2 cores, base: two 1-thread actors
+        # 1.2x one 2-thread actor, benchmarks/README.md), at a model's memory per actor.
+        n = num_actors or len(node_cpus) * min(MAX_CPU_ACTORS_PER_NODE, max(1, int(min(node_cpus))))
         # CPU actors share a node with the decode tasks: leave each node a little for them.
         per_node = math.ceil(n / max(1, len(node_cpus)))
         a_cpus = actor_cpus if actor_cpus is not None else max(0.5, (min(node_cpus) - 0.5) / per_node)

@@ -29,8 +29,9 @@ class Config:
     batching: pad (length-bucketed padded batches; exact for both front-end norm modes) | exact (rows of
         identical length only, no padding at all).
     device: auto (GPU actors when the cluster has GPUs) | cpu | cuda.
-    num_actors: model actors (null: one per GPU, or one per node on CPUs). actor_cpus: CPUs each (null: 1
-        with a GPU; on CPUs, the node's CPUs less half a CPU for decoding).
+    num_actors: model actors (null: one per GPU; on CPUs one per CPU of each node, at most 8 per node).
+        actor_cpus: CPUs each (null: 1 with a GPU; on CPUs, the node's CPUs less half a CPU for decoding,
+        shared by its actors). A CPU actor runs ceil(actor_cpus) intra-op threads.
     concurrent_shards: shards an actor holds at once: one computes while the others are encoded and written
         (null: 1 on CPUs, 4 with a GPU, where writing a frame-level shard takes longer than computing it).
     shard_seconds: audio per Parquet shard at most (a crash loses at most the shards in flight); small jobs get

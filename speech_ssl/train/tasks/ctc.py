@@ -36,6 +36,9 @@ class CTCConfig:
     dropout / attention_dropout / activation_dropout / dropout_input: replace the pretrained model's
         values, as fairseq's fine-tuning does (its Wav2Vec2AsrConfig: 0 except activation_dropout 0.1 in
         the published recipes).
+    select_by: the validation metric that picks the ``best`` checkpoint. WER is the published choice; CER
+        tells checkpoints apart where nearly every word is still wrong (small models, hard corpora, the CTC
+        blank phase), where WER sits at ~100 % for all of them.
     """
 
     freeze_feature_encoder: bool = True
@@ -50,6 +53,7 @@ class CTCConfig:
     attention_dropout: float = 0.0
     activation_dropout: float = 0.1
     dropout_input: float = 0.0
+    select_by: str = field(default="valid_wer", metadata={"choices": ["valid_wer", "valid_cer", "valid_loss"]})
 
     def model_overrides(self) -> dict[str, Any]:
         return {"mask_prob": self.mask_prob, "mask_length": self.mask_length,
@@ -87,7 +91,6 @@ class CTCTask:
     model_overrides: dict[str, Any] = field(default_factory=dict)
 
     name = "finetune"
-    best_metric = "valid_wer"
     best_mode = "min"
     progress_keys = ("loss", "lr", "grad_norm", "audio_seconds_per_second", "data_wait_fraction")
     mean_keys = ()
@@ -97,6 +100,10 @@ class CTCTask:
         ("learning rate", ("lr",)),
         ("audio s / s / worker", ("audio_seconds_per_second",)),
     )
+
+    @property
+    def best_metric(self) -> str:
+        return self.ctc.select_by
 
     def __post_init__(self):
         self.normalizer = TextNormalizer(self.data.text)
