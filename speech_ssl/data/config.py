@@ -43,8 +43,9 @@ class DataConfig:
     shuffle: reshuffle rows and batches every epoch (from the seed); false: batches in length order.
     num_cpus_per_reader: CPUs a Ray Data decode task asks for (fractions allowed).
     max_readers: at most this many decode tasks at once (null: as many as Ray Data's CPUs allow).
-    batches_per_task: planned batches one Ray Data task decodes (fewer, larger tasks cost less scheduling
-        CPU; more make the first batch arrive later).
+    batches_per_task: planned batches one Ray Data task decodes at most (fewer, larger tasks cost less
+        scheduling CPU and idle time between tasks; smaller ones make the first batch arrive sooner); a
+        stream too short for two tasks per decode slot gets smaller tasks.
     prefetch_batches: Ray Data blocks (of batches_per_task batches) the consumer keeps requested ahead.
     buffer_mb: object store memory one stream's decoded batches may take ahead of its consumer (Ray Data's
         budget for the stream; a few batches of batch_seconds audio need a few MB each).
@@ -63,7 +64,7 @@ class DataConfig:
     shuffle: bool = True
     num_cpus_per_reader: float = 1.0
     max_readers: Optional[int] = None
-    batches_per_task: int = 2
+    batches_per_task: int = 8
     prefetch_batches: int = 2
     buffer_mb: int = 256
     extensions: list[str] = field(default_factory=lambda: [".wav", ".flac", ".ogg", ".opus", ".mp3"])

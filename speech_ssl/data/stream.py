@@ -253,8 +253,13 @@ class BatchStream:
 
         num_cpus, free_cpus = reader_cpus(self.cfg.num_cpus_per_reader)
         items = [{"job": json.dumps(job)} for job in jobs]
-        # A few planned batches per task: Ray Data's scheduling loop (in the feeder) costs CPU per task.
-        per_task = max(1, self.cfg.batches_per_task)
+        # Several planned batches per task: each task costs Ray Data scheduling (in the feeder) and leaves its
+        # CPU idle while the next is dispatched. But at least two tasks per decode slot, so that a short
+        # stream (a validation set) is still decoded in parallel.
+        slots = max(1, int(free_cpus // num_cpus))
+        if self.cfg.max_readers:
+            slots = min(slots, self.cfg.max_readers)
+        per_task = max(1, min(self.cfg.batches_per_task, math.ceil(len(items) / (2 * slots))))
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_task)))
         ds = ds.map_batches(
             collate_arrow_batch, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
