@@ -79,12 +79,10 @@ class TreeUsage:
 
     @staticmethod
     def _cpu_seconds(pid: int) -> float:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-        except (OSError, IndexError, ValueError):
-            return -1.0
+        from bench_ingest import cpu_ticks
+
+        ticks = cpu_ticks(f"/proc/{pid}/stat")
+        return ticks / os.sysconf("SC_CLK_TCK") if ticks >= 0 else -1.0
 
     def _sample(self, memory: bool = True) -> None:
         from bench_ingest import _mem_kb, _tree

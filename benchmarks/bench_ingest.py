@@ -75,18 +75,20 @@ def _mem_kb(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
+def cpu_ticks(stat_path: str) -> int:
+    """User + system CPU clock ticks of a process or thread from its ``stat`` file (-1 if it is gone)."""
+    try:
+        with open(stat_path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def tree_cpu_seconds() -> float:
     """User + system CPU seconds used so far by this process and its live descendants (load-independent)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in _tree(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / tick
+    ticks = (cpu_ticks(f"/proc/{pid}/stat") for pid in _tree(os.getpid()))
+    return sum(t for t in ticks if t > 0) / os.sysconf("SC_CLK_TCK")
 
 
 def _role(pid: int) -> str:
@@ -120,12 +122,9 @@ def tree_cpu_by_role() -> dict[int, tuple[str, float]]:
             continue
         main = other = 0
         for tid in threads:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
+            ticks = cpu_ticks(f"/proc/{pid}/task/{tid}/stat")
+            if ticks < 0:
                 continue
-            ticks = int(fields[11]) + int(fields[12])  # utime, stime
             if int(tid) == pid:
                 main += ticks
             else:

@@ -154,7 +154,7 @@ def test_embedding_decode_tasks_fit_on_a_node_beside_the_model_actors(monkeypatc
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     placed = place("cpu", None, None, 1.0)
     assert (placed.num_actors, placed.actor_cpus, placed.threads, placed.reader_cpus) == (2, 0.75, 1, 0.5)
-    # Two 32-CPU nodes: at most 8 actors a node, two threads each.
+    # Two 32-CPU nodes: at most 8 actors a node, 3.94 CPUs and four threads each.
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 32.0}}] * 2)
     placed = place("cpu", None, None, 1.0)
