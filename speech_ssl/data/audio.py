@@ -24,18 +24,21 @@ import functools
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import soundfile as sf
 
 from speech_ssl.data.report import QuarantineError
+from speech_ssl.errors import SpeechSSLError
 
 NORM_EPS = 1e-7  # the variance floor of transformers' Wav2Vec2FeatureExtractor (zero-mean unit-var)
 FBANK_SCALE = 32768.0  # Kaldi features expect 16-bit sample values (as fairseq's and SeamlessM4T's fbank)
 MAX_RATE_TERM = 1000  # largest numerator/denominator of the resampling ratio handed to torchaudio
+REACH_TIMEOUT_S = 15.0  # an object store that does not answer a first request within this is unreachable
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,28 @@ def split_uri(uri: str):
     fs = _filesystem(f"{scheme}://{host}")
     _, path = pafs.FileSystem.from_uri(uri)
     return fs, path
+
+
+def within_timeout(what: str, call: Callable[[], Any], timeout: float = REACH_TIMEOUT_S) -> Any:
+    """``call()``, or a SpeechSSLError naming ``what`` if it does not return within ``timeout`` seconds (an
+    object store that cannot be reached retries for minutes on its own)."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True, name="speech-ssl-reach")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise SpeechSSLError(f"cannot reach {what}: no answer within {timeout:g} s (is the address right, the "
+                             "network up and are credentials set?)")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
 
 
 class AudioFile:
@@ -317,9 +342,20 @@ def fbank(wave: np.ndarray, spec: FeatureSpec) -> np.ndarray:
             num_mel_bins=spec.n_mels, frame_shift=spec.frame_shift_ms, frame_length=spec.frame_length_ms,
             sample_frequency=spec.sample_rate, dither=0.0)
     feats = feats.numpy()
-    if spec.normalize:
-        feats = (feats - feats.mean(axis=0)) / np.sqrt(feats.var(axis=0) + NORM_EPS)
-    return feats.astype(np.float32, copy=False)
+    return normalize_fbank(feats) if spec.normalize else feats.astype(np.float32, copy=False)
+
+
+def normalize_fbank(feats: np.ndarray) -> np.ndarray:
+    """Per-utterance mean/variance normalisation of [frames, n_mels] filterbank features (per bin)."""
+    feats = feats.astype(np.float32, copy=False)
+    return ((feats - feats.mean(axis=0)) / np.sqrt(feats.var(axis=0) + NORM_EPS)).astype(np.float32, copy=False)
+
+
+def normalize_features(feats: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """The per-utterance normalisation ``spec`` asks for, of raw features (what the cache stores)."""
+    if not spec.normalize:
+        return feats
+    return normalize_fbank(feats) if spec.kind == "fbank" else normalize_waveform(feats)
 
 
 def decode_file(path: str, spec: FeatureSpec, start: float = 0.0, end: Optional[float] = None) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""One planned batch -> arrays: decode every row, quarantine the bad ones, crop or pad, encode transcripts.
+"""One planned batch -> arrays: decode (or read from a cache) every row, quarantine the bad ones, crop or
+pad, encode transcripts.
 
 The same :class:`Collator` runs in Ray Data ``map_batches`` tasks and in-process, so both paths give
 identical batches. Crop offsets are drawn from ``(seed, epoch, batch index)``: a batch is the same
@@ -14,8 +15,23 @@ from typing import Any, Optional
 import numpy as np
 
 from speech_ssl.data.audio import FeatureSpec, decode_file
+from speech_ssl.data.cache import read_cached_row
 from speech_ssl.data.report import QuarantineError
 from speech_ssl.data.text import TextNormalizer, Vocabulary
+
+
+def job_row(utt) -> dict[str, Any]:
+    """A job's row for an :class:`~speech_ssl.data.sources.Utterance` (plain data, shipped to decode tasks)."""
+    return {"id": utt.id, "path": utt.path, "source_path": utt.source_path, "start": utt.start, "end": utt.end,
+            "text": utt.text, "cache_row": utt.cache_row}
+
+
+def row_features(row: dict[str, Any], spec: FeatureSpec) -> np.ndarray:
+    """Features of one job row: read from a decoded-audio cache when it is a cached row, else decoded."""
+    start, end = row.get("start") or 0.0, row.get("end")
+    if row.get("cache_row") is not None:
+        return read_cached_row(row["path"], row["cache_row"], spec, start, end)
+    return decode_file(row["path"], spec, start, end)
 
 
 @dataclass
@@ -23,7 +39,7 @@ class Collator:
     """Makes the arrays of planned batches (picklable: shipped to Ray Data tasks).
 
     A job is ``{"epoch", "position", "index", "rows": [{"id", "path", "source_path", "start", "end",
-    "text"}]}``; the result is a list of dicts (one, or one per distinct length in ``exact`` mode) with
+    "text", "cache_row"?}]}``; the result is a list of dicts (one, or one per distinct length in ``exact`` mode) with
     ``inputs`` (None when every row was bad), ``lengths``, ``ids``, ``paths``, ``texts``, ``targets``,
     ``audio_seconds``, ``padded_seconds``, ``quarantined``, ``epoch``, ``position``.
     """
@@ -46,7 +62,7 @@ class Collator:
         quarantined: list[dict] = []
         for row in job["rows"]:
             try:
-                feats.append(decode_file(row["path"], self.spec, row.get("start") or 0.0, row.get("end")))
+                feats.append(row_features(row, self.spec))
                 kept.append(row)
             except QuarantineError as err:
                 quarantined.append({"path": row["path"], "reason": err.reason, "detail": err.detail, "id": row["id"]})

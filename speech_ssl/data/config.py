@@ -47,6 +47,8 @@ class DataConfig:
         scheduling CPU and idle time between tasks; smaller ones make the first batch arrive sooner); a
         stream too short for two tasks per decode slot gets smaller tasks.
     prefetch_batches: Ray Data blocks (of batches_per_task batches) the consumer keeps requested ahead.
+    read_threads: threads of the consuming process that read a decoded-audio cache (`speech-ssl cache`);
+        streams of cached rows need no Ray Data decode tasks.
     buffer_mb: object store memory one stream's decoded batches may take ahead of its consumer (Ray Data's
         budget for the stream; a few batches of batch_seconds audio need a few MB each).
     extensions: audio file suffixes picked up when a directory or a list is scanned.
@@ -66,6 +68,7 @@ class DataConfig:
     max_readers: Optional[int] = None
     batches_per_task: int = 8
     prefetch_batches: int = 2
+    read_threads: int = 2
     buffer_mb: int = 256
     extensions: list[str] = field(default_factory=lambda: [".wav", ".flac", ".ogg", ".opus", ".mp3"])
     tsv_sample_rate: int = 16000

@@ -8,6 +8,8 @@
 * a fairseq TSV manifest (``.tsv``): the root on the first line, then ``rel_path<TAB>num_samples``
   (durations = num_samples / ``tsv_sample_rate``); transcripts from a ``.wrd`` file beside it, if any;
 * a text file of paths (any other suffix), one a line, relative to the file's folder;
+* a decoded-audio cache folder written by ``speech-ssl cache`` (:mod:`speech_ssl.data.cache`): its rows
+  read from the cache's index, their audio from its shards;
 * an audio file, or a list of any of these.
 
 URIs are anything pyarrow's filesystems read (``s3://``, ``gs://``, ``file://``, ...).
@@ -28,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-from speech_ssl.data.audio import is_uri, probe_header, split_uri
+from speech_ssl.data.audio import is_uri, probe_header, split_uri, within_timeout
 from speech_ssl.data.report import QuarantineError
 from speech_ssl.errors import SpeechSSLError
 
@@ -56,21 +58,25 @@ class Utterance:
     speaker: Optional[str] = None
     start: float = 0.0
     end: Optional[float] = None
+    cache_row: Optional[int] = None  # a row of a decoded-audio cache: ``path`` is its shard (data.cache)
 
 
 class UtteranceList(list):
     """A list of Utterances, plus the files that could not be read while listing them.
 
-    ``quarantined``: list of ``{"path", "reason", "detail"}``.
+    ``quarantined``: list of ``{"path", "reason", "detail"}``. ``caches``: the decoded-audio caches its
+    rows come from (:class:`~speech_ssl.data.cache.CacheInfo`; their features must fit the model).
     """
 
-    def __init__(self, items: Iterable[Utterance] = (), quarantined: Optional[list[dict]] = None):
+    def __init__(self, items: Iterable[Utterance] = (), quarantined: Optional[list[dict]] = None,
+                 caches: Optional[list] = None):
         super().__init__(items)
         self.quarantined: list[dict] = list(quarantined or [])
+        self.caches: list = list(caches or [])
 
     def with_rows(self, rows: Iterable[Utterance]) -> "UtteranceList":
         """A subset (e.g. after a caller's own filtering) that still carries the scan-time quarantine."""
-        return UtteranceList(rows, self.quarantined)
+        return UtteranceList(rows, self.quarantined, self.caches)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,9 +138,15 @@ def _kind_of(path: str) -> str:
     if is_uri(path):
         import pyarrow.fs as pafs
 
-        fs, inner = split_uri(path)
-        info = fs.get_file_info(inner)
-        return {pafs.FileType.Directory: "dir", pafs.FileType.File: "file"}.get(info.type, "missing")
+        def kind() -> str:
+            fs, inner = split_uri(path)
+            info = fs.get_file_info(inner)
+            return {pafs.FileType.Directory: "dir", pafs.FileType.File: "file"}.get(info.type, "missing")
+
+        try:
+            return within_timeout(path, kind)
+        except OSError as err:
+            raise SpeechSSLError(f"cannot read {path}: {err}") from None
     if os.path.isdir(path):
         return "dir"
     return "file" if os.path.exists(path) else "missing"
@@ -254,13 +266,29 @@ def _audio_file(path: str, extensions: Sequence[str], given: Optional[str] = Non
                      duration=None)  # type: ignore[arg-type]
 
 
+def _from_cache(root: str, caches: Optional[list]) -> list[Utterance]:
+    from speech_ssl.data import cache
+
+    meta = cache.load_meta(root)
+    if caches is None:
+        raise SpeechSSLError(f"{root} is a decoded-audio cache, which this command cannot take as input: give "
+                             "the original audio")
+    caches.append(cache.CacheInfo(root, meta))
+    shards = cache.join(root if is_uri(root) else os.path.abspath(root), cache.SHARD_DIR)
+    return [Utterance(id=r["id"], path=f"{shards}/{r['shard']:05d}.arrow", source_path=r["source_path"],
+                      duration=r["duration"], text=r["text"], speaker=r["speaker"], cache_row=r["row"])
+            for r in cache.read_index(root)]
+
+
 def list_source(spec: str | Sequence[str], extensions: Sequence[str] = AUDIO_EXTENSIONS, *,
-                tsv_sample_rate: int = 16000) -> list[Utterance]:
-    """Rows of ``spec`` without touching the audio (durations None where no manifest gives them)."""
+                tsv_sample_rate: int = 16000, caches: Optional[list] = None) -> list[Utterance]:
+    """Rows of ``spec`` without touching the audio (durations None where no manifest gives them). A
+    decoded-audio cache folder is read from its index; its :class:`CacheInfo` is appended to ``caches``
+    (a caller that passes no list does not take caches)."""
     if isinstance(spec, (list, tuple)):
         rows: list[Utterance] = []
         for item in spec:
-            rows.extend(list_source(str(item), extensions, tsv_sample_rate=tsv_sample_rate))
+            rows.extend(list_source(str(item), extensions, tsv_sample_rate=tsv_sample_rate, caches=caches))
         return rows
     spec = str(spec)
     if not spec:
@@ -272,6 +300,10 @@ def list_source(spec: str | Sequence[str], extensions: Sequence[str] = AUDIO_EXT
             return [_audio_file(path, extensions, spec)]
         raise SpeechSSLError(f"input {spec} does not exist")
     if kind == "dir":
+        from speech_ssl.data.cache import is_cache
+
+        if is_cache(path):
+            return _from_cache(path, caches)
         return _from_directory(path, extensions)
     lower = path.lower()
     if lower.endswith(MANIFEST_SUFFIXES):
@@ -285,7 +317,7 @@ def list_source(spec: str | Sequence[str], extensions: Sequence[str] = AUDIO_EXT
         if _has_extension(line_path, extensions):
             rows.append(_audio_file(line_path, extensions))
         else:
-            rows.extend(list_source(line_path, extensions, tsv_sample_rate=tsv_sample_rate))
+            rows.extend(list_source(line_path, extensions, tsv_sample_rate=tsv_sample_rate, caches=caches))
     return rows
 
 
@@ -332,7 +364,8 @@ def read_source(spec: str | Sequence[str], extensions: Sequence[str] = AUDIO_EXT
                 tsv_sample_rate: int = 16000) -> UtteranceList:
     """The utterances of a directory, manifest, path list, URI or list of those (see the module doc)."""
     extensions = [e if e.startswith(".") else "." + e for e in extensions]
-    rows = list_source(spec, extensions, tsv_sample_rate=tsv_sample_rate)
+    caches: list = []
+    rows = list_source(spec, extensions, tsv_sample_rate=tsv_sample_rate, caches=caches)
     unique_ids(rows)
     kept, bad = probe_rows(rows)
-    return UtteranceList(kept, bad)
+    return UtteranceList(kept, bad, caches)

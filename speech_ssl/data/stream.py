@@ -22,9 +22,12 @@ counts anyway (e.g. stop all ranks when one runs out).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
@@ -32,7 +35,8 @@ import numpy as np
 import torch
 
 from speech_ssl.data.audio import FeatureSpec
-from speech_ssl.data.collate import Collator, collate_arrow_batch, unpack
+from speech_ssl.data.cache import check_spec
+from speech_ssl.data.collate import Collator, collate_arrow_batch, job_row, unpack
 from speech_ssl.data.config import DataConfig
 from speech_ssl.data.plan import MODES, PlanStats, deal, expand_rows, plan_epoch, plan_stats
 from speech_ssl.data.report import IngestReport, nothing_used_message
@@ -86,7 +90,7 @@ class Batch:
                      self.quarantined)
 
 
-def _to_batch(out: dict) -> Batch:
+def _to_batch(out: dict, pin_memory: bool = False) -> Batch:
     targets = target_lengths = None
     if out["targets"] is not None:
         seqs = out["targets"]
@@ -95,10 +99,14 @@ def _to_batch(out: dict) -> Batch:
         for k, s in enumerate(seqs):
             targets[k, : len(s)] = torch.tensor(s, dtype=torch.long)
     inputs = out["inputs"]
-    if not inputs.flags.writeable:  # a view of a Ray Data block: copy into memory torch may write
-        inputs = inputs.copy()
+    if pin_memory:  # one copy, into page-locked memory, from which the device copy runs asynchronously
+        inputs = torch.empty(inputs.shape, dtype=torch.float32, pin_memory=True).copy_(torch.from_numpy(inputs))
+    elif not inputs.flags.writeable:  # a view of a Ray Data block: copy into memory torch may write
+        inputs = torch.from_numpy(inputs.copy())
+    else:
+        inputs = torch.from_numpy(inputs)
     return Batch(
-        inputs=torch.from_numpy(inputs),
+        inputs=inputs,
         lengths=torch.tensor(out["lengths"], dtype=torch.long),
         ids=list(out["ids"]), paths=list(out["paths"]), texts=list(out["texts"]),
         targets=targets, target_lengths=target_lengths,
@@ -148,7 +156,13 @@ class BatchStream:
         self.cfg, self.spec, self.mode = cfg, spec, mode
         self.rank, self.world_size, self.seed, self.use_ray = rank, world_size, seed, use_ray
         self.vocab, self.normalizer = vocab, normalizer
+        for cache in getattr(utterances, "caches", []):  # a cache of other features is refused up front
+            check_spec(cache.meta, spec, cache.root)
         self.rows, filtered = expand_rows(utterances, cfg)
+        # Cached rows are read where they are consumed (threads of this process: a memory-mapped or ranged read
+        # and a dtype conversion per row); only rows that need decoding go to Ray Data's CPU workers.
+        self.reads_cache_only = bool(self.rows) and all(r.cache_row is not None for r in self.rows)
+        self.pin_memory = False  # set by a consumer on a GPU: batches land in page-locked memory for async copies
         self._durations = np.array([r.duration for r in self.rows], dtype=np.float64)
         self._plans: dict[int, list[list[int]]] = {}
         self._feeder = None  # the actor that executes this stream's Ray Data datasets, started on first use
@@ -214,8 +228,7 @@ class BatchStream:
         jobs = []
         for position in range(start, len(indices)):
             index = indices[position]
-            rows = [{"id": r.id, "path": r.path, "source_path": r.source_path, "start": r.start, "end": r.end,
-                     "text": r.text} for r in (self.rows[i] for i in plan[index])]
+            rows = [job_row(self.rows[i]) for i in plan[index]]
             jobs.append({"epoch": epoch, "position": position, "index": index, "rows": rows})
         return jobs
 
@@ -225,7 +238,12 @@ class BatchStream:
         if start < 0:
             raise ValueError("start must be >= 0")
         jobs = self._jobs(epoch, start)
-        outputs = self._iter_ray(jobs) if self.use_ray else (out for job in jobs for out in self._collator(job))
+        if self.reads_cache_only:
+            outputs = self._iter_threads(jobs)
+        elif self.use_ray:
+            outputs = self._iter_ray(jobs)
+        else:
+            outputs = (out for job in jobs for out in self._collator(job))
         epoch_report = IngestReport()
         for out in outputs:
             for q in out["quarantined"]:
@@ -235,9 +253,27 @@ class BatchStream:
                 continue
             self.report.add_used(len(out["ids"]), out["audio_seconds"], out["padded_seconds"])
             epoch_report.add_used(len(out["ids"]), out["audio_seconds"], out["padded_seconds"])
-            yield _to_batch(out)
+            yield _to_batch(out, self.pin_memory)
         if epoch_report.read > 0 and epoch_report.used == 0:
             raise SpeechSSLError(nothing_used_message(f"epoch {epoch} of rank {self.rank}", epoch_report))
+
+    def _iter_threads(self, jobs: list[dict]) -> Iterator[dict]:
+        """The jobs' outputs in plan order, made by ``cfg.read_threads`` threads of this process, a few jobs
+        ahead of the consumer (cached rows: reads and conversions that mostly release the GIL)."""
+        threads = max(1, self.cfg.read_threads)
+        ahead = 2 * threads + self.cfg.prefetch_batches
+        with ThreadPoolExecutor(threads, thread_name_prefix="speech-ssl-read") as pool:
+            todo = iter(jobs)
+            pending = deque(pool.submit(self._collator, job) for job in itertools.islice(todo, ahead))
+            try:
+                while pending:
+                    outputs = pending.popleft().result()
+                    for job in itertools.islice(todo, 1):
+                        pending.append(pool.submit(self._collator, job))
+                    yield from outputs
+            finally:
+                for future in pending:
+                    future.cancel()
 
     def _iter_ray(self, jobs: list[dict]) -> Iterator[dict]:
         if not jobs:

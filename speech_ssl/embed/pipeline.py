@@ -34,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 
 from speech_ssl.data.audio import FeatureSpec
-from speech_ssl.data.collate import Collator, pack, unpack
+from speech_ssl.data.cache import check_spec
+from speech_ssl.data.collate import Collator, job_row, pack, unpack
 from speech_ssl.data.config import DataConfig
 from speech_ssl.data.plan import expand_rows, plan_epoch
 from speech_ssl.data.report import IngestReport
@@ -120,8 +121,7 @@ def shard_job(plan: ShardPlan, rows: list[Utterance]) -> dict[str, Any]:
     """What a decode task needs for one shard (plain JSON)."""
     batches = []
     for k, batch in enumerate(plan.batches):
-        batch_rows = [{"id": rows[i].id, "path": rows[i].path, "source_path": rows[i].source_path,
-                       "start": rows[i].start, "end": rows[i].end, "text": None} for i in batch]
+        batch_rows = [{**job_row(rows[i]), "text": None} for i in batch]
         batches.append({"epoch": 0, "position": k, "index": k, "rows": batch_rows})
     starts = {rows[i].id: rows[i].start for batch in plan.batches for i in batch}
     return {"shard": plan.name, "batches": batches, "starts": starts}
@@ -439,6 +439,8 @@ def embed_corpus(cfg) -> dict[str, Any]:
 
     # Rows: listed, segmented, filtered; those finished earlier are skipped.
     utterances = read_source(cfg.input, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
+    for cache in utterances.caches:
+        check_spec(cache.meta, spec, cache.root, "the checkpoint's model")
     receptive = _receptive_field_seconds(model_cfg, spec)
     data = replace(cfg.data, min_duration=max(cfg.data.min_duration, receptive))
     rows, filtered = expand_rows(utterances, data)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, Command] = {
     c.name: c
     for c in [
         Command("prepare", "speech_ssl.stages.prepare", "scan audio (dir, manifest, list) into a JSONL manifest"),
+        Command("cache", "speech_ssl.stages.cache", "decode a corpus once into a cache every stage reads at memory speed"),
         Command("pretrain", "speech_ssl.stages.pretrain", "self-supervised wav2vec 2.0 pretraining on Ray Train"),
         Command("finetune", "speech_ssl.stages.finetune", "CTC fine-tuning of a pretrained encoder (or from scratch)"),
         Command("evaluate", "speech_ssl.stages.evaluate", "WER/CER of a CTC checkpoint on a labeled manifest"),
