@@ -330,8 +330,9 @@ def _child_result(args: list[str], stdout: str, stderr: str, returncode: int = 0
     return json.loads(lines[-1])
 
 
-def _child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=1800)
+def _child(args: list[str], script: str = __file__) -> dict:
+    """Run a benchmark script (this one by default) as a child process and return its result."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=1800)
     return _child_result(args, out.stdout, out.stderr)
 
 

@@ -1,6 +1,8 @@
 """prepare -> pretrain -> finetune -> evaluate -> embed.
 
     prepare    data.unlabeled/train/valid/test -> prepare/{unlabeled,train,valid,test}.jsonl
+    cache      (cache=true) prepare/unlabeled.jsonl decoded once for pretrain's model -> cache/unlabeled/,
+               which pretrain and embed then read instead of the audio
     pretrain   prepare/unlabeled.jsonl (validated on prepare/valid.jsonl's audio) -> pretrain/best
     finetune   init pretrain/best, prepare/train.jsonl + valid.jsonl -> finetune/best
     evaluate   finetune/best on prepare/test.jsonl -> evaluate/results.json (WER, CER), results.hyp.jsonl
@@ -20,7 +22,7 @@ from typing import Any
 from pipelines.common import (given, manifest, none_or, owned, prepare, require_data, trainer_storage,
                               training_storage)
 from speech_ssl.pipeline import Stage
-from speech_ssl.stages import embed, evaluate, finetune, pretrain
+from speech_ssl.stages import cache, embed, evaluate, finetune, pretrain
 
 NAME = "pretrain_finetune"
 
@@ -33,9 +35,19 @@ def stages(cfg) -> list[Stage]:
         owned(value, key, f"a folder under {out}")
 
     pt_dir, ft_dir = out / "pretrain", out / "finetune"
+    unlabeled = manifest(out, "unlabeled")
+    caching = []
+    if cfg.cache:
+        cached = str(out / "cache" / "unlabeled")
+        cc = cache.Config(input=unlabeled, output=cached, model=cfg.pretrain.model,
+                          model_overrides=dict(cfg.pretrain.model_overrides), sample_rate=cfg.pretrain.data.sample_rate,
+                          segment_duration=cfg.pretrain.data.segment_duration, extensions=cfg.pretrain.data.extensions,
+                          ray=cfg.ray)
+        caching = [Stage("cache", cache.run, cc, needs=["prepare"], provides=["unlabeled"])]
+        unlabeled = cached
     pt_trainer = trainer_storage(cfg.pretrain.trainer, cfg.storage_path, out)
     pt = replace(cfg.pretrain, output_dir=str(pt_dir), trainer=pt_trainer, ray=cfg.ray,
-                 data=replace(cfg.pretrain.data, train=given(cfg.pretrain.data.train, manifest(out, "unlabeled")),
+                 data=replace(cfg.pretrain.data, train=given(cfg.pretrain.data.train, unlabeled),
                               valid=none_or(given(cfg.pretrain.data.valid, manifest(out, "valid")))))
     ft_trainer = trainer_storage(cfg.finetune.trainer, cfg.storage_path, out)
     ft = replace(cfg.finetune, output_dir=str(ft_dir), init=given(cfg.finetune.init, str(pt_dir / "best")),
@@ -46,15 +58,17 @@ def stages(cfg) -> list[Stage]:
                  output=str(out / "evaluate" / "results.json"), ray=cfg.ray,
                  data=replace(cfg.evaluate.data, test=given(cfg.evaluate.data.test, manifest(out, "test"))))
     em = replace(cfg.embed, checkpoint=given(cfg.embed.checkpoint, str(pt_dir / "best")),
-                 input=given(cfg.embed.input, manifest(out, "unlabeled")), output=str(out / "embed"), ray=cfg.ray)
+                 input=given(cfg.embed.input, unlabeled), output=str(out / "embed"), ray=cfg.ray)
+    after = ["prepare"] + (["cache"] if caching else [])
     return [
         prepare(cfg, out, data),
-        Stage("pretrain", pretrain.run, pt, needs=["prepare"], provides=["best"], continues=True,
+        *caching,
+        Stage("pretrain", pretrain.run, pt, needs=after, provides=["best"], continues=True,
               storage=training_storage(pt_dir, pt_trainer)),
         Stage("finetune", finetune.run, ft, needs=["prepare", "pretrain"], provides=["best"], continues=True,
               storage=training_storage(ft_dir, ft_trainer)),
         Stage("evaluate", evaluate.run, ev, needs=["prepare", "finetune"]),
-        Stage("embed", embed.run, em, needs=["prepare", "pretrain"]),
+        Stage("embed", embed.run, em, needs=[*after, "pretrain"]),
     ]
 
 

@@ -212,3 +212,18 @@ def test_decisions():
     assert decide(stage, {**done, "status": "failed"}, {"a": "1"}, "h", force=False) == "resume"
     assert decide(stage, done, {"a": "1"}, "other", force=False) == "fresh"
     assert decide(training, done, {"a": "1"}, "other", force=False) == "resume"  # e.g. more updates
+
+
+def test_cache_stage_feeds_pretraining_and_embedding(ray_local, corpus, tmp_path):
+    out = tmp_path / "cached"
+    assert main(_args(corpus, out, "cache=true")) == 0
+    assert _statuses(out) == {"prepare": "ran", "cache": "ran", "pretrain": "ran", "finetune": "ran",
+                              "evaluate": "ran", "embed": "ran"}
+    cached = str(out / "cache" / "unlabeled")
+    assert json.loads((out / "cache" / "unlabeled" / "cache.json").read_text())["rows"] == 10
+    for stage, key in (("pretrain", ("data", "train")), ("embed", ("input",))):
+        config = json.loads((out / stage / RECORD).read_text())["config"]
+        for part in key:
+            config = config[part]
+        assert config == cached, stage
+    assert json.loads((out / "summary.json").read_text())["results"]["embedded_utterances"] == 10

@@ -326,7 +326,12 @@ def resample(wave: np.ndarray, orig: int, new: int) -> np.ndarray:
 def normalize_waveform(wave: np.ndarray) -> np.ndarray:
     """Zero mean, unit variance (the per-utterance normalisation of wav2vec 2.0 LARGE / transformers)."""
     wave = wave.astype(np.float32, copy=False)
-    return ((wave - wave.mean()) / np.sqrt(wave.var() + NORM_EPS)).astype(np.float32)
+    # transformers' (x - mean) / sqrt(var + eps) in two passes instead of numpy's var (which recomputes the
+    # mean and squares into a temporary): the same values to float32 rounding, half the CPU per row.
+    centred = wave - wave.mean(dtype=np.float32)
+    variance = np.dot(centred, centred) / np.float32(max(1, centred.size))
+    centred /= np.sqrt(variance + np.float32(NORM_EPS))
+    return centred
 
 
 def fbank(wave: np.ndarray, spec: FeatureSpec) -> np.ndarray:

@@ -10,7 +10,7 @@ after a failure starts again at the stage that failed; ``force=true`` runs every
 with a results summary (also ``<output_dir>/summary.json`` and ``summary.md``). With no data arguments it
 runs on the demo corpus that ships with the package.
 
-Pipelines: ``pretrain_finetune`` (prepare -> pretrain -> finetune -> evaluate -> embed), ``embed_corpus``
+Pipelines: ``pretrain_finetune`` (prepare -> [cache ->] pretrain -> finetune -> evaluate -> embed), ``embed_corpus``
 (prepare -> embed, with ``embed.checkpoint``).
 """
 
@@ -77,6 +77,9 @@ class Config:
     force: run every stage afresh (their folders are emptied first) instead of skipping finished ones.
     storage_path: shared storage for the training checkpoints on multi-node clusters (s3://bucket/prefix,
         gs://..., an NFS path): they go to <storage_path>/<output_dir name>/<stage>.
+    cache: decode the unlabeled audio once into a decoded-audio cache (a `cache` stage after prepare, for
+        pretrain's model; `speech-ssl cache --help`) that pretraining and embedding then read instead of
+        decoding it every epoch.
     data: the pipeline's inputs (default: the demo corpus, see conf/run/config.yaml).
     prepare / pretrain / finetune / evaluate / embed: each stage's own settings (`speech-ssl <stage> --help`).
         Paths the pipeline wires (a stage's output folder, init/checkpoint/input from an earlier stage)
@@ -89,6 +92,7 @@ class Config:
     output_dir: str = "outputs/run"
     force: bool = False
     storage_path: Optional[str] = None
+    cache: bool = False
     data: PipelineDataConfig = field(default_factory=PipelineDataConfig)
     prepare: prepare_stage.Config = field(default_factory=_prepare)
     pretrain: pretrain_stage.Config = field(default_factory=_pretrain)

@@ -74,6 +74,9 @@ def _trainable(model: torch.nn.Module) -> tuple[bool, ...]:
 def _endless_batches(task: Task, ctx, seed: int, position: dict[str, int]) -> Iterator[Any]:
     """This worker's batches, epoch after epoch, starting at ``position`` (updated as batches are used)."""
     stream = task.train_batches(ctx.rank, ctx.world_size, seed)
+    # On a GPU, batches are assembled in page-locked memory, so the task's non_blocking copy to the device
+    # returns at once and runs beside the host's work on the step.
+    stream.pin_memory = ctx.device.type == "cuda"
     while True:
         produced = 0
         for batch in stream.iter_epoch(position["epoch"], start=position["position"]):
