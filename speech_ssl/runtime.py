@@ -28,6 +28,10 @@ _QUIET_ENV = {
 
 LOCALHOST = "127.0.0.1"
 
+# True while the Ray that init_ray started itself (no address) runs: this command then owns the whole
+# machine's Ray and may size its own work to fit it (speech_ssl.train.resources).
+_embedded = False
+
 
 @dataclass
 class RayConfig:
@@ -72,6 +76,7 @@ def quiet_ray_loggers() -> None:
 
 def init_ray(cfg: RayConfig) -> bool:
     """Start or join Ray as ``cfg`` says. Returns False when Ray was already initialised (left as is)."""
+    global _embedded
     import ray
 
     for key, value in _QUIET_ENV.items():
@@ -105,7 +110,16 @@ def init_ray(cfg: RayConfig) -> bool:
         namespace="speech-ssl",
         configure_logging=True,
     )
+    _embedded = True
     return True
+
+
+def is_embedded() -> bool:
+    """Whether the running Ray is the embedded local one that this process started (not a joined cluster,
+    not a Ray the caller initialised)."""
+    import ray
+
+    return _embedded and ray.is_initialized()
 
 
 @contextlib.contextmanager
@@ -115,6 +129,7 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     An embedded Ray started here is shut down after; from a cluster joined here the driver disconnects
     (the cluster keeps running). A Ray initialised by the caller is left alone.
     """
+    global _embedded
     import ray
 
     initialised_here = init_ray(cfg)
@@ -123,6 +138,8 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     finally:
         if initialised_here and ray.is_initialized():
             ray.shutdown()
+        if initialised_here:
+            _embedded = False
 
 
 def dashboard_url() -> Optional[str]:

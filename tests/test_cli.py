@@ -15,6 +15,7 @@ from speech_ssl.stages import COMMANDS
 # Values for each command's required keys, enough to build its typed config.
 REQUIRED = {
     "prepare": ["input=/tmp/in", "output=/tmp/out.jsonl"],
+    "cache": ["input=/tmp/in", "output=/tmp/cache"],
     "pretrain": ["output_dir=/tmp/o", "data.train=/tmp/train.jsonl"],
     "finetune": ["output_dir=/tmp/o", "init=none", "data.train=/tmp/t.jsonl", "data.valid=/tmp/v.jsonl"],
     "evaluate": ["checkpoint=/tmp/c", "data.test=/tmp/t.jsonl"],

@@ -85,6 +85,26 @@ def test_reader_cpus_are_clamped_to_what_the_worker_leaves(ray_local, tmp_path):
     assert ray.get(read.remote(), timeout=120) == 4
 
 
+def test_a_planned_stream_sizes_its_tasks_from_the_plan_not_from_what_its_caller_holds(ray_local, tmp_path):
+    """Two workers at 0.5 CPU on 2 CPUs: the driver's plan leaves 1 CPU to decoding, shared by two streams."""
+    import ray
+
+    from speech_ssl.data.read_plan import ReadPlan
+    from speech_ssl.data.stream import reader_cpus
+
+    plan = ReadPlan(task_cpus=0.5, training_cpus=1.0, streams=2)
+    assert reader_cpus(1.0, plan) == (0.5, 0.5)
+    manifest = make_corpus(tmp_path, n=4, min_seconds=0.5, max_seconds=1.0)
+
+    @ray.remote(num_cpus=0.5)
+    def read():
+        stream = BatchStream(read_source(str(manifest)), DataConfig(batch_seconds=2), FeatureSpec("waveform"),
+                             "pad", use_ray=True, read_plan=plan)
+        return sum(len(b) for b in stream.iter_epoch(0))
+
+    assert ray.get(read.remote(), timeout=120) == 4
+
+
 def test_the_scheduling_loop_runs_outside_the_consuming_process(ray_local, mixed):
     """Ray Data's executor thread would share the GIL with a training thread (an update took 2x as long)."""
     import threading
@@ -116,3 +136,38 @@ def test_one_helper_actor_serves_every_epoch_and_an_abandoned_epoch_leaks_nothin
         _same(list(stream.iter_epoch(epoch)), list(local.iter_epoch(epoch)))
     created = [info for actor_id, info in actors().items() if actor_id not in before]
     assert len(created) == 1, [info.get("ActorClassName") for info in created]
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_whose_decode_tasks_cannot_start_fails_naming_what_is_pending(ray_local, tmp_path):
+    """Every CPU held elsewhere (here an actor; in the issue, training workers): an error, not a silent wait."""
+    import time
+
+    import ray
+
+    from speech_ssl.errors import SpeechSSLError
+
+    manifest = make_corpus(tmp_path, n=4, min_seconds=0.5, max_seconds=1.0)
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ready(self):
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ready.remote(), timeout=60)
+    try:
+        stream = BatchStream(read_source(str(manifest)), DataConfig(batch_seconds=2, stall_timeout_s=5),
+                             FeatureSpec("waveform"), "pad", use_ray=True)
+        started = time.monotonic()
+        with pytest.raises(SpeechSSLError) as err:
+            list(stream.iter_epoch(0))
+        assert time.monotonic() - started < 60
+    finally:
+        ray.kill(hog)
+    text = str(err.value)
+    assert "\n" not in text
+    assert text.startswith("no batch arrived for 5 s")
+    assert "waiting for its first block, 0 blocks delivered" in text
+    assert "0 of 2 CPUs" in text and "one decode task asks for 1 CPU" in text
+    assert "data.stall_timeout_s" in text and "trainer.cpus_per_worker" in text

@@ -48,9 +48,13 @@ class DataConfig:
         stream too short for two tasks per decode slot gets smaller tasks.
     prefetch_batches: Ray Data blocks (of batches_per_task batches) the consumer keeps requested ahead.
     read_threads: threads of the consuming process that read a decoded-audio cache (`speech-ssl cache`);
-        streams of cached rows need no Ray Data decode tasks.
+        streams of cached rows need no Ray Data decode tasks. One thread reads a local cache far faster than
+        a step consumes it (benchmarks/README.md); more threads contend for the GIL and help only where reads
+        wait on a remote store (s3://, gs://).
     buffer_mb: object store memory one stream's decoded batches may take ahead of its consumer (Ray Data's
         budget for the stream; a few batches of batch_seconds audio need a few MB each).
+    stall_timeout_s: a consumer that waits this many seconds for its next Ray Data block fails with an error
+        naming what is pending (decode tasks the cluster cannot schedule) instead of waiting forever.
     extensions: audio file suffixes picked up when a directory or a list is scanned.
     tsv_sample_rate: rate of the num_samples column of fairseq TSV manifests.
     """
@@ -68,8 +72,9 @@ class DataConfig:
     max_readers: Optional[int] = None
     batches_per_task: int = 8
     prefetch_batches: int = 2
-    read_threads: int = 2
+    read_threads: int = 1
     buffer_mb: int = 256
+    stall_timeout_s: float = 300.0
     extensions: list[str] = field(default_factory=lambda: [".wav", ".flac", ".ogg", ".opus", ".mp3"])
     tsv_sample_rate: int = 16000
     text: TextConfig = field(default_factory=TextConfig)

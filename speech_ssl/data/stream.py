@@ -39,6 +39,7 @@ from speech_ssl.data.cache import check_spec
 from speech_ssl.data.collate import Collator, collate_arrow_batch, job_row, unpack
 from speech_ssl.data.config import DataConfig
 from speech_ssl.data.plan import MODES, PlanStats, deal, expand_rows, plan_epoch, plan_stats
+from speech_ssl.data.read_plan import ReadPlan
 from speech_ssl.data.report import IngestReport, nothing_used_message
 from speech_ssl.data.sources import Utterance
 from speech_ssl.data.text import TextNormalizer, Vocabulary
@@ -116,16 +117,21 @@ def _to_batch(out: dict, pin_memory: bool = False) -> Batch:
     )
 
 
-def reader_cpus(wanted: float) -> tuple[float, float]:
-    """(CPUs per decode task, CPUs Ray Data may use) that this cluster can grant next to the caller.
+def reader_cpus(wanted: float, plan: Optional[ReadPlan] = None) -> tuple[float, float]:
+    """(CPUs per decode task, CPUs Ray Data may use for this stream).
 
-    A Ray Train worker holding CPUs of a small cluster leaves less than a whole CPU free for Ray Data
+    With a ``plan`` (training workers: planned on the driver against what *all* workers hold) its task size,
+    and its fair share of the cluster's CPUs now (an autoscaler may have added nodes since).
+    Without one (in-process training, embedding, recognition) what this cluster can grant next to the caller:
+    a Ray Train worker holding CPUs of a small cluster leaves less than a whole CPU free for Ray Data
     (2 CPUs, 2 workers at 0.5 CPU leave 1): asking for more than the cluster has minus what the caller
     holds would leave every decode task pending forever.
     """
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 0.0))
+    if plan is not None:
+        return plan.task_cpus, plan.stream_cpus(total)
     try:  # inside a task or actor: what it holds; the driver holds nothing
         held = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
     except AssertionError:
@@ -146,7 +152,8 @@ class BatchStream:
 
     def __init__(self, utterances: Sequence[Utterance], cfg: DataConfig, spec: FeatureSpec, mode: str,
                  rank: int = 0, world_size: int = 1, seed: int = 0, use_ray: bool = True,
-                 vocab: Optional[Vocabulary] = None, normalizer: Optional[TextNormalizer] = None):
+                 vocab: Optional[Vocabulary] = None, normalizer: Optional[TextNormalizer] = None,
+                 read_plan: Optional[ReadPlan] = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= rank < world_size:
@@ -156,6 +163,7 @@ class BatchStream:
         self.cfg, self.spec, self.mode = cfg, spec, mode
         self.rank, self.world_size, self.seed, self.use_ray = rank, world_size, seed, use_ray
         self.vocab, self.normalizer = vocab, normalizer
+        self.read_plan = read_plan  # decode task CPUs planned on the driver (speech_ssl.train.resources), or None
         for cache in getattr(utterances, "caches", []):  # a cache of other features is refused up front
             check_spec(cache.meta, spec, cache.root)
         self.rows, filtered = expand_rows(utterances, cfg)
@@ -287,7 +295,7 @@ class BatchStream:
 
         from speech_ssl.data.feeder import iter_blocks, start_feeder
 
-        num_cpus, free_cpus = reader_cpus(self.cfg.num_cpus_per_reader)
+        num_cpus, free_cpus = reader_cpus(self.cfg.num_cpus_per_reader, self.read_plan)
         items = [{"job": json.dumps(job)} for job in jobs]
         # Several planned batches per task: each task costs Ray Data scheduling (in the feeder) and leaves its
         # CPU idle while the next is dispatched. But at least two tasks per decode slot, so that a short
@@ -314,7 +322,8 @@ class BatchStream:
         # started once per stream, executes every epoch's dataset instead (see speech_ssl.data.feeder).
         if self._feeder is None:
             self._feeder = start_feeder()
-        for table in iter_blocks(self._feeder, ds, ahead=self.cfg.prefetch_batches):
+        for table in iter_blocks(self._feeder, ds, ahead=self.cfg.prefetch_batches,
+                                 stall_timeout_s=self.cfg.stall_timeout_s, task_cpus=num_cpus):
             metas = table.column("meta").to_pylist()
             buffers = table.column("inputs")
             for k, meta in enumerate(metas):

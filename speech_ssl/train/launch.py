@@ -8,17 +8,20 @@ clusters. After the run, ``<output_dir>/last`` and ``<output_dir>/best`` are che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
 
+from speech_ssl.data.config import DataConfig
 from speech_ssl.errors import SpeechSSLError
 from speech_ssl.train import checkpoint as ckpt
 from speech_ssl.train.config import TrainerConfig
 from speech_ssl.train.context import LocalContext, RayTrainContext
 from speech_ssl.train.loop import train
+from speech_ssl.train.resources import ResourcePlan, plan_on_ray
 from speech_ssl.train.task import Task
 
 log = logging.getLogger(__name__)
@@ -83,11 +86,25 @@ def run_training(task: Task, cfg: TrainerConfig, output_dir: str | Path) -> dict
     return summary
 
 
+def _plan_resources(task: Task, cfg: TrainerConfig) -> tuple[TrainerConfig, ResourcePlan]:
+    """Plan the workers' resources and the data decoding's together, on the driver, before any worker starts
+    (see speech_ssl.train.resources); the decode numbers go to the task's streams. Returns the trainer config
+    the workers run with (``cpus_per_worker`` lowered on the embedded local Ray where needed)."""
+    data = getattr(task, "data", None)
+    task_cpus = (data if isinstance(data, DataConfig) else DataConfig()).num_cpus_per_reader
+    plan = plan_on_ray(cfg.num_workers, cfg.cpus_per_worker, task_cpus, cfg.gpus_per_worker if cfg.use_gpu else 0.0)
+    log.info("%s", plan.summary_line())
+    if hasattr(task, "read_plan"):
+        task.read_plan = plan.read
+    return dataclasses.replace(cfg, cpus_per_worker=plan.cpus_per_worker), plan
+
+
 def _fit_on_ray(task: Task, cfg: TrainerConfig, output_dir: Path, root: str) -> dict[str, Any]:
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg, plan = _plan_resources(task, cfg)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
@@ -118,6 +135,7 @@ def _fit_on_ray(task: Task, cfg: TrainerConfig, output_dir: Path, root: str) -> 
         raise SpeechSSLError(f"training failed after {cfg.max_failures} automatic restarts: {cause}") from err
     summary = _summary_from_storage(root)
     summary["ray_result_path"] = str(result.path)
+    summary["resources"] = plan.to_dict()  # what the workers actually held
     summary_file = output_dir / ".worker_summary.json"
     if summary_file.exists():
         summary.update({k: v for k, v in json.loads(summary_file.read_text()).items() if k not in summary})

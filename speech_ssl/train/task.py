@@ -69,3 +69,5 @@ class Task(Protocol):
     # Optional: ``monitor``, a callable ``(model, device) -> dict[str, float]`` with an ``every_updates``
     # attribute (0: off), run by rank 0 on the unwrapped model and logged as split ``probe``
     # (speech_ssl.probe.ProbeMonitor). Tasks without it are not monitored.
+    # Optional: ``read_plan``, set by the launcher before the workers start (a speech_ssl.data.read_plan.ReadPlan
+    # for the task's BatchStreams: decode task CPUs planned against what all training workers hold).

@@ -18,6 +18,7 @@ import torch
 from speech_ssl.asr.decoding import greedy_decode
 from speech_ssl.asr.scoring import error_counts, rates
 from speech_ssl.data import BatchStream, DataConfig, TextNormalizer, Utterance, Vocabulary
+from speech_ssl.data.read_plan import ReadPlan
 from speech_ssl.train.task import StepOutput
 from speech_ssl.train.tasks.pretrain import feature_spec_for, use_ray_data
 
@@ -89,6 +90,7 @@ class CTCTask:
     vocab: Vocabulary
     ctc: CTCConfig = field(default_factory=CTCConfig)
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    read_plan: Optional[ReadPlan] = None  # decode task sizes planned on the driver (speech_ssl.train.launch)
 
     name = "finetune"
     best_mode = "min"
@@ -175,7 +177,8 @@ class CTCTask:
             keep, dropped = self._usable(utterances)
             spec = feature_spec_for(self._model.config, self.data.sample_rate)
             stream = BatchStream(keep, self.data, spec, mode="pad", rank=rank, world_size=world_size, seed=seed,
-                                 use_ray=use_ray_data(), vocab=self.vocab, normalizer=self.normalizer)
+                                 use_ray=use_ray_data(), vocab=self.vocab, normalizer=self.normalizer,
+                                 read_plan=self.read_plan)
             if rank == 0:  # counted once, like the stream's own filtered rows
                 for utt, reason, detail in dropped:
                     stream.report.add_filtered(utt.path, reason, detail, utt.id)

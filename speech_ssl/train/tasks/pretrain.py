@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from speech_ssl.data import BatchStream, DataConfig, FeatureSpec, Utterance
+from speech_ssl.data.read_plan import ReadPlan
 from speech_ssl.train.metrics import CollapseMonitor
 from speech_ssl.train.task import StepOutput
 
@@ -37,6 +38,7 @@ class PretrainTask:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     warmup_updates: int = 0
     monitor: Optional[Any] = None  # a speech_ssl.probe.ProbeMonitor run every monitor.every_updates updates
+    read_plan: Optional[ReadPlan] = None  # decode task sizes planned on the driver (speech_ssl.train.launch)
 
     name = "pretrain"
     best_metric = "valid_loss"
@@ -96,7 +98,8 @@ class PretrainTask:
         if split not in self._streams:
             spec = feature_spec_for(self.model_config, self.data.sample_rate)
             self._streams[split] = BatchStream(utterances, self.data, spec, mode="crop", rank=rank,
-                                               world_size=world_size, seed=seed, use_ray=use_ray_data())
+                                               world_size=world_size, seed=seed, use_ray=use_ray_data(),
+                                               read_plan=self.read_plan)
         return self._streams[split]
 
     def train_batches(self, rank: int, world_size: int, seed: int) -> BatchStream:
