@@ -92,7 +92,11 @@ def init_ray(cfg: RayConfig) -> bool:
         # token in "token" mode: switch it on when a token is at hand and the user has not chosen.
         token_file = os.environ.get("RAY_AUTH_TOKEN_PATH", os.path.expanduser("~/.ray/auth_token"))
         if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(token_file)):
-            os.environ["RAY_AUTH_MODE"] = "token"
+            # Ray read its auth mode into a cached config when it was imported: setting the variable alone
+            # would not reach this process (private API of the pinned Ray: sets it and refreshes the cache).
+            from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+            _enable_token_auth()
         ray.init(address=address, logging_level=level, namespace="speech-ssl")
         return True
     store = (cfg.object_store_memory_mb << 20) if cfg.object_store_memory_mb else _default_object_store_bytes()

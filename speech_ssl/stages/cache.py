@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from speech_ssl.runtime import RayConfig
 from speech_ssl.stages.common import model_field, model_overrides_field

@@ -93,8 +93,9 @@ def run(cfg: Config) -> dict:
     monitor = build_monitor(cfg)
     save_resolved_config(output_dir, "pretrain", cfg)
     with ray_session(cfg.ray):
-        train = read_source(cfg.data.train)
-        valid = read_source(cfg.data.valid) if cfg.data.valid else None
+        train = read_source(cfg.data.train, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
+        valid = (read_source(cfg.data.valid, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
+                 if cfg.data.valid else None)
         log.info("pretraining %s on %d utterances (%.2f h)%s", cfg.model, len(train),
                  sum(u.duration for u in train) / 3600,
                  f", validating on {len(valid)}" if valid else "")
