@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ingest import DEFAULT_MANIFEST, TreeMemory, _child, load_subset, tree_cpu_seconds  # noqa: E402
+from bench_ingest import (DEFAULT_MANIFEST, TreeMemory, _child, load_subset, run_plain,  # noqa: E402
+                          tree_cpu_seconds)
 
 PRESET = {"waveform": "tiny", "fbank": "fbank-tiny"}
 MIN_SECONDS = 6.0
@@ -54,33 +55,6 @@ def spec_of(kind: str):
     from speech_ssl.data import FeatureSpec
 
     return FeatureSpec("fbank", n_mels=80, normalize=True) if kind == "fbank" else FeatureSpec("waveform", normalize=True)
-
-
-def run_plain(manifest: str, hours: float, kind: str) -> dict:
-    """The reference loop, one thread: decode, downmix, resample (and fbank)."""
-    import numpy as np
-    import soundfile as sf
-    import torch
-    import torchaudio
-
-    torch.set_num_threads(1)
-    seconds = 0.0
-    utts = load_subset(manifest, hours)
-    with TreeMemory() as mem:
-        t0, c0, m0 = time.perf_counter(), tree_cpu_seconds(), mem.cpu_seconds
-        for u in utts:
-            samples, rate = sf.read(u.path, dtype="float32", always_2d=True)
-            wave = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1)))
-            if rate != 16000:
-                wave = torchaudio.functional.resample(wave, rate, 16000)
-            if kind == "fbank":
-                with torch.inference_mode():
-                    torchaudio.compliance.kaldi.fbank(wave[None] * 32768, num_mel_bins=80, sample_frequency=16000,
-                                                      dither=0.0)
-            seconds += u.duration
-        wall, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0 - (mem.cpu_seconds - m0)
-    return {"run": f"plain {kind} (1 thread)", "audio_s": seconds, "wall_s": wall, "rate": seconds / wall,
-            "cpu_rate": seconds / cpu, "peak_pss_mb": mem.peak_pss / 1024}
 
 
 def write_cache(manifest: str, hours: float, kind: str, folder: str) -> dict:
@@ -158,7 +132,8 @@ def main() -> None:
     args = parser.parse_args()
     kind = args.kinds[0]
     if args.child == "plain":
-        print(json.dumps(run_plain(args.manifest, args.hours, kind)))
+        plain = run_plain(args.manifest, args.hours, 1, kind=kind)
+        print(json.dumps({**plain, "run": f"plain {kind} (1 thread)"}))
         return
     if args.child == "write":
         print(json.dumps(write_cache(args.manifest, args.hours, kind, args.folder)))

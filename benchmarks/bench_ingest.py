@@ -203,9 +203,9 @@ def load_subset(manifest: str, hours: float, seed: int = 0):
     return utts
 
 
-def run_plain(manifest: str, hours: float, threads: int | None, part: str = "") -> dict:
+def run_plain(manifest: str, hours: float, threads: int | None, part: str = "", kind: str = "fbank") -> dict:
     """The reference: a plain loop, soundfile + torchaudio, in this process (``part`` "k/n": every n-th file
-    from the k-th, for the two-process ceiling)."""
+    from the k-th, for the two-process ceiling; ``kind`` "waveform" stops after resampling)."""
     import numpy as np
     import soundfile as sf
     import torch
@@ -225,9 +225,10 @@ def run_plain(manifest: str, hours: float, threads: int | None, part: str = "") 
             wave = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1)))
             if rate != 16000:
                 wave = torchaudio.functional.resample(wave, rate, 16000)
-            with torch.inference_mode():
-                torchaudio.compliance.kaldi.fbank(wave[None] * 32768, num_mel_bins=80, sample_frequency=16000,
-                                                  dither=0.0)
+            if kind == "fbank":
+                with torch.inference_mode():
+                    torchaudio.compliance.kaldi.fbank(wave[None] * 32768, num_mel_bins=80, sample_frequency=16000,
+                                                      dither=0.0)
             seconds += u.duration
         wall, cpu = time.perf_counter() - t0, tree_cpu_seconds() - c0 - (mem.cpu_seconds - m0)
     return {"run": f"plain ({torch.get_num_threads()} torch threads)", "audio_s": seconds, "wall_s": wall,
