@@ -163,6 +163,7 @@ def test_an_unreachable_object_store_fails_within_seconds(monkeypatch):
 
 
 @pytest.mark.timeout(420)
+@pytest.mark.slow
 def test_stages_read_a_cache(ray_local, tmp_path):
     """pretrain and embed on a waveform cache, finetune and evaluate on an fbank cache, from the command line."""
     corpus = make_corpus(tmp_path, n=8, split="unlabeled")

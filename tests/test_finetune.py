@@ -27,7 +27,7 @@ from speech_ssl.stages import finetune, transcribe
 from speech_ssl.train.config import OptimConfig, TrainerConfig
 from speech_ssl.train.tasks.ctc import CTCConfig
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

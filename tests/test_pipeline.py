@@ -19,7 +19,7 @@ from speech_ssl.cli import main
 from speech_ssl.pipeline import RECORD, Stage, decide, read_record
 from speech_ssl.train import checkpoint as ckpt
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 STAGES = ["prepare", "pretrain", "finetune", "evaluate", "embed"]
 

@@ -23,7 +23,7 @@ from speech_ssl.pipeline import read_record
 from speech_ssl.train import checkpoint as ckpt
 from test_pipeline import _args, corpus  # noqa: F401  (the tiny pipeline on generated audio, and its corpus)
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
 NODE = {"num_cpus": 1, "object_store_memory": 150 << 20}
 MAX_UPDATES = 6

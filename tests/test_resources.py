@@ -94,6 +94,7 @@ def test_a_joined_cluster_is_waited_for_then_the_plan_fails(monkeypatch):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_the_documented_command_trains_two_workers_on_two_cpus(tmp_path):
     """`speech-ssl pretrain model=tiny trainer.num_workers=2` on 2 CPUs hung forever (issue 16)."""
     manifest = make_corpus(tmp_path / "corpus", n=8, min_seconds=1.2, max_seconds=2.0, split="train")
@@ -112,6 +113,7 @@ def test_the_documented_command_trains_two_workers_on_two_cpus(tmp_path):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_a_cluster_that_cannot_hold_the_run_fails_fast_with_one_paragraph(tmp_path):
     """A separate 2-CPU head joined by address (in a fresh process, as a user's driver would: this process's Ray
     keeps the auth mode it read at import), the wait shortened to 3 s."""

@@ -11,6 +11,7 @@ from speech_ssl.runtime import RayConfig, dashboard_url, ray_session
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_embedded_ray_dashboard_is_bound_to_localhost_only():
     import ray
 
@@ -27,6 +28,7 @@ def test_embedded_ray_dashboard_is_bound_to_localhost_only():
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_ray_address_joins_an_existing_cluster_and_leaves_it_running():
     import ray
 

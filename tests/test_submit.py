@@ -12,7 +12,7 @@ from ray_heads import listening_addresses, ray_head
 from speech_ssl.cli import main
 from speech_ssl.stages.submit import entrypoint, forwarded_overrides
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 def test_forwarded_overrides_leave_out_the_submission_keys():

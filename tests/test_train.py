@@ -23,7 +23,7 @@ from speech_ssl.stages import pretrain
 from speech_ssl.train import checkpoint as ckpt
 from speech_ssl.train.config import OptimConfig, TrainerConfig
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
 
 def _free_port() -> int:

@@ -9,7 +9,7 @@ from speech_ssl.runtime import RayConfig
 from speech_ssl.stages import pretrain
 from speech_ssl.train.config import OptimConfig, TrainerConfig
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
