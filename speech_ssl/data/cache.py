@@ -225,8 +225,9 @@ def write_shard(root: str, number: int, rows: list[dict], spec: FeatureSpec, dty
     return sidecar
 
 
-def shard_problem(root: str, number: int) -> Optional[tuple[str, Optional[dict]]]:
-    """Why shard ``number`` is not complete (None when it is), with its sidecar when that could be read."""
+def shard_state(root: str, number: int) -> tuple[Optional[str], Optional[dict]]:
+    """(why shard ``number`` must be written, None when it is complete; its sidecar, None when there is none:
+    the shard was never finished)."""
     import pyarrow as pa
     import pyarrow.fs as pafs
 
@@ -235,20 +236,20 @@ def shard_problem(root: str, number: int) -> Optional[tuple[str, Optional[dict]]
     try:
         sidecar = json.loads(read_bytes(join(root, SHARD_DIR, f"{name}.json")))
     except (OSError, ValueError):
-        return ("not written", None)
+        return "not written", None
     info = fs.get_file_info(shard)
     if info.type != pafs.FileType.File:
-        return ("shard file missing", sidecar)
+        return "shard file missing", sidecar
     if info.size != sidecar["bytes"]:
-        return (f"{info.size} bytes on disk, {sidecar['bytes']} written (truncated or overwritten)", sidecar)
+        return f"{info.size} bytes on disk, {sidecar['bytes']} written (truncated or overwritten)", sidecar
     try:
         with fs.open_input_file(shard) as f:
             batches = pa.ipc.open_file(f).num_record_batches
     except (OSError, pa.ArrowInvalid) as err:
-        return (f"unreadable Arrow file ({err})", sidecar)
+        return f"unreadable Arrow file ({err})", sidecar
     if batches != len(sidecar["rows"]):
-        return (f"{batches} rows in the file, {len(sidecar['rows'])} in its sidecar", sidecar)
-    return None
+        return f"{batches} rows in the file, {len(sidecar['rows'])} in its sidecar", sidecar
+    return None, sidecar
 
 
 def open_plan(root: str, plan: dict[str, Any]) -> dict[str, Any]:
@@ -273,15 +274,15 @@ def open_plan(root: str, plan: dict[str, Any]) -> dict[str, Any]:
 
 
 def complete_shards(root: str, count: int) -> tuple[dict[int, dict], dict[int, Optional[str]]]:
-    """(sidecars of the shards that are complete, {shard: why it must be written (None: never was)})."""
+    """(sidecars of the shards that are complete, {shard: why it must be written again, None: it never was})."""
     done: dict[int, dict] = {}
     todo: dict[int, Optional[str]] = {}
     for number in range(count):
-        problem = shard_problem(root, number)
+        problem, sidecar = shard_state(root, number)
         if problem is None:
-            done[number] = json.loads(read_bytes(join(root, SHARD_DIR, f"{number:05d}.json")))
+            done[number] = sidecar
         else:
-            todo[number] = problem[0] if problem[1] is not None else None
+            todo[number] = problem if sidecar is not None else None
     return done, todo
 
 
@@ -309,7 +310,9 @@ def finalize(root: str, meta: dict[str, Any], sidecars: list[dict], scanned: Seq
                   lambda out: out.write("".join(json.dumps(q) + "\n" for q in quarantined).encode()))
     meta = {**meta, "rows": table.num_rows, "quarantined": len(quarantined),
             "hours": float(sum(columns["duration"])) / 3600, "bytes": int(sum(s["bytes"] for s in sidecars)),
-            "shards": len(sidecars)}
+            "shards": len(sidecars),
+            # What readers check the shards against (one listing, no sidecar reads per shard).
+            "shard_bytes": {f"{s['shard']:05d}.arrow": s["bytes"] for s in sidecars}}
     write_json(join(root, CACHE_FILE), meta)
     return meta
 
@@ -346,9 +349,9 @@ def check_spec(meta: dict[str, Any], spec: FeatureSpec, root: str, use: str = "t
             f"model=<the model's preset>` (or read the original audio instead of the cache)")
 
 
-def read_index(root: str) -> list[dict[str, Any]]:
-    """The cached rows of a complete cache, after checking that every shard is there at its written size
-    (a truncated or missing shard is an error naming it, never a short read)."""
+def read_index(root: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cached rows of a complete cache (``meta``: its ``cache.json``), after checking that every shard is
+    there at its written size (a truncated or missing shard is an error naming it, never a short read)."""
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
@@ -358,13 +361,9 @@ def read_index(root: str) -> list[dict[str, Any]]:
     shard_fs, shard_dir = filesystem(join(root, SHARD_DIR))
     sizes = {os.path.basename(i.path): i.size
              for i in shard_fs.get_file_info(pafs.FileSelector(shard_dir)) if i.type == pafs.FileType.File}
-    expected: dict[int, int] = {}
-    for sidecar_name in sorted(n for n in sizes if n.endswith(".json") and n[:-5].isdigit()):
-        expected[int(sidecar_name[:-5])] = json.loads(read_bytes(join(root, SHARD_DIR, sidecar_name)))["bytes"]
-    for shard in sorted({r["shard"] for r in index}):
-        name = f"{shard:05d}.arrow"
-        if sizes.get(name) != expected.get(shard):
-            found = "missing" if name not in sizes else f"{sizes[name]} bytes, {expected.get(shard)} written"
+    for name, written in sorted(meta["shard_bytes"].items()):
+        if sizes.get(name) != written:
+            found = "missing" if name not in sizes else f"{sizes[name]} bytes, {written} written"
             raise SpeechSSLError(f"the cache {root} is damaged: shard {SHARD_DIR}/{name} is {found}. Run "
                                  "`speech-ssl cache` with the same input and output again: it finds and rewrites "
                                  "damaged shards")

@@ -277,7 +277,7 @@ def _from_cache(root: str, caches: Optional[list]) -> list[Utterance]:
     shards = cache.join(root if is_uri(root) else os.path.abspath(root), cache.SHARD_DIR)
     return [Utterance(id=r["id"], path=f"{shards}/{r['shard']:05d}.arrow", source_path=r["source_path"],
                       duration=r["duration"], text=r["text"], speaker=r["speaker"], cache_row=r["row"])
-            for r in cache.read_index(root)]
+            for r in cache.read_index(root, meta)]
 
 
 def list_source(spec: str | Sequence[str], extensions: Sequence[str] = AUDIO_EXTENSIONS, *,

@@ -267,7 +267,8 @@ class BatchStream:
 
     def _iter_threads(self, jobs: list[dict]) -> Iterator[dict]:
         """The jobs' outputs in plan order, made by ``cfg.read_threads`` threads of this process, a few jobs
-        ahead of the consumer (cached rows: reads and conversions that mostly release the GIL)."""
+        ahead of the consumer (cached rows: a read and a dtype conversion each, cheap but mostly under the GIL,
+        so one thread is the default; see DataConfig.read_threads)."""
         threads = max(1, self.cfg.read_threads)
         ahead = 2 * threads + self.cfg.prefetch_batches
         with ThreadPoolExecutor(threads, thread_name_prefix="speech-ssl-read") as pool:
@@ -276,7 +277,8 @@ class BatchStream:
             try:
                 while pending:
                     outputs = pending.popleft().result()
-                    for job in itertools.islice(todo, 1):
+                    job = next(todo, None)
+                    if job is not None:
                         pending.append(pool.submit(self._collator, job))
                     yield from outputs
             finally:
