@@ -22,16 +22,22 @@ CPU mode (default), side by side in one run, each configuration in a fresh subpr
 * Also the plain decode rate (soundfile + resample, one thread): how many decode cores a given
   embedding rate needs.
 
-GPU mode (``--gpu``): the Ray-free embedding batch function (``speech_ssl.embed.Embedder``) for ``base``
-on pre-decoded audio already in host memory (synthetic waveforms with the corpus' length distribution, so
-no corpus is needed on the GPU machine), batches planned by the data layer (length-bucketed, padded),
-bf16 autocast; x real time = audio seconds / wall seconds, host-to-device copy of the batch and
-device-to-host copy of the embeddings included. ``--device cpu --precision fp32`` dry-runs it here.
+GPU mode (``--gpu``, alias ``--direct``): the Ray-free embedding batch function
+(``speech_ssl.embed.Embedder``) for ``base`` against transformers' ``Wav2Vec2Model`` (same weights, SDPA)
+on the same pre-decoded audio already in host memory (synthetic waveforms drawn by torch with the corpus'
+length distribution, so neither a corpus nor soundfile, Ray or pyarrow is needed), the same batches planned
+by the data layer (length-bucketed, padded), passes interleaved; bf16 autocast on GPUs; x real time = audio
+seconds / wall seconds, host-to-device copy of the batch and device-to-host copy of the embeddings included;
+the ratio ours / transformers. With ``--device cpu`` the same comparison runs on this CPU, in fp32 and, where
+the CPU has native bf16, also in bf16 autocast (transformers' best configuration there; ``--precision`` picks
+one). Also printed: the relative difference of the two on one unpadded utterance.
 
     .venv/bin/python benchmarks/bench_embed.py                      # 0.1 h subset: base last + middle, tiny
     .venv/bin/python benchmarks/bench_embed.py --hours 0.25 --models base
     python benchmarks/bench_embed.py --gpu                          # on a GPU machine (no Ray needed)
-    .venv/bin/python benchmarks/bench_embed.py --gpu --device cpu --precision fp32 --seconds 30 --warmup 1
+    python benchmarks/bench_embed.py --gpu --layer 6; python benchmarks/bench_embed.py --gpu --pooling mean
+    .venv/bin/python benchmarks/bench_embed.py --gpu --device cpu   # CPU: fp32 and native bf16, 30 s of audio
+    .venv/bin/python benchmarks/bench_embed.py --gpu --device cpu --model tiny --seconds 10 --warmup 0  # smoke
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -175,7 +182,6 @@ def child_roofline(workdir: str, model: str, layer: int, threads: int) -> dict:
 
 
 def child_hf(workdir: str, model: str, layer: int, threads: int) -> dict:
-    import numpy as np
     import soundfile as sf
     import torch
     import torchaudio
@@ -281,31 +287,22 @@ def _child(args: list[str]) -> dict:
 # GPU mode: the embedding batch function alone
 # ---------------------------------------------------------------------------------------------------
 
-def run_gpu(args) -> dict:
-    import numpy as np
+def synthetic_batches(args, device: str) -> tuple[list, float, float, list]:
+    """Pre-decoded audio (torch only, no decoder): the corpus' length distribution (tts-harvard unlabeled:
+    1.39 .. 4.30 s, mean 2.57 s), in batches planned by the data layer (length-bucketed, padded).
+    Returns (batches of (waveforms, lengths), audio seconds, padded seconds, plan)."""
     import torch
 
     from speech_ssl.data import DataConfig
     from speech_ssl.data.plan import plan_epoch
-    from speech_ssl.embed import Embedder
-    from speech_ssl.models import build
 
-    device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device here; dry-run with --device cpu --precision fp32")
-    torch.manual_seed(0)
-    model = build(args.model)
-    embedder = Embedder(model, layers=[args.layer], pooling=args.pooling, device=device, precision=args.precision,
-                        dtype="float16" if args.precision != "fp32" else "float32")
-    del model
-    # Pre-decoded audio: the corpus' length distribution (tts-harvard unlabeled: 1.39 .. 4.30 s, mean 2.57 s).
-    rng = np.random.default_rng(0)
+    g = torch.Generator().manual_seed(0)
     durations, total = [], 0.0
     while total < args.seconds:
-        d = float(rng.uniform(1.39, 4.30))
+        d = float(1.39 + (4.30 - 1.39) * torch.rand((), generator=g))
         durations.append(d)
         total += d
-    waves = [torch.from_numpy((0.1 * rng.standard_normal(int(d * 16000))).astype(np.float32)) for d in durations]
+    waves = [0.1 * torch.randn(int(d * 16000), generator=g) for d in durations]
     data = DataConfig(shuffle=False, batch_seconds=args.batch_seconds, max_batch_size=args.max_batch_size)
     plan = plan_epoch(durations, data, "pad", seed=0, epoch=0)
     batches = []
@@ -316,32 +313,191 @@ def run_gpu(args) -> dict:
             x[k, : len(waves[i])] = waves[i]
         batches.append((x.pin_memory() if device == "cuda" else x, lengths))
     padded = sum(x.numel() for x, _ in batches) / 16000
+    return batches, total, padded, plan
 
-    def one_pass() -> float:
+
+class HFEmbedder:
+    """transformers' ``Wav2Vec2Model`` (SDPA attention) with our weights, used as a user would on padded
+    batches of the same (already normalised, as the data layer hands them to the Embedder) waveforms: transformers' convention for the attention mask (given to layer-norm front ends, not to
+    group-norm ones such as BASE), ``last_hidden_state`` for the last layer and ``hidden_states[L]``
+    otherwise, the same autocast and output dtype as ours, embeddings copied to host numpy per utterance."""
+
+    def __init__(self, encoder, layer: int, pooling: str, device: str, precision: str, dtype: str):
+        import torch
+        import transformers
+
+        from speech_ssl.models.convert import config_to_hf, to_hf_state_dict
+
+        transformers.logging.set_verbosity_error()
+        cfg = {k: v for k, v in config_to_hf(encoder.config, "Wav2Vec2Model").items()
+               if k not in ("speech_ssl_model", "model_type")}
+        config = transformers.Wav2Vec2Config(**cfg)
+        config._attn_implementation = "sdpa"
+        self.model = transformers.Wav2Vec2Model(config)
+        missing, unexpected = self.model.load_state_dict(to_hf_state_dict(encoder.state_dict(), "Wav2Vec2Model"),
+                                                         strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"weights do not fit transformers' model: {missing[:4]} {unexpected[:4]}")
+        self.model = self.model.to(device).eval()
+        self.device = torch.device(device)
+        self.layer, self.pooling, self.precision = layer, pooling, precision
+        self.last = layer == config.num_hidden_layers
+        self.use_mask = config.feat_extract_norm == "layer"
+        self.out_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
+
+    def __call__(self, inputs, lengths) -> list:
+        import torch
+
+        from speech_ssl.precision import autocast
+
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            x = inputs.to(self.device, non_blocking=True)
+            mask = None
+            if self.use_mask:
+                mask = torch.arange(x.shape[1], device=self.device)[None, :] < lengths.to(self.device)[:, None]
+            out = self.model(x, attention_mask=mask, output_hidden_states=not self.last)
+            h = out.last_hidden_state if self.last else out.hidden_states[self.layer]
+            frames = self.model._get_feat_extract_output_lengths(lengths).clamp(max=h.shape[1])
+            if self.pooling == "mean":
+                valid = (torch.arange(h.shape[1], device=self.device)[None, :] < frames.to(self.device)[:, None])
+                summed = (h.float() * valid[..., None]).sum(1)
+                host = (summed / frames.clamp(min=1).to(self.device, summed.dtype)[:, None]).to(self.out_dtype).cpu()
+                return [host[b].numpy() for b in range(host.shape[0])]
+            host = h.to(self.out_dtype).cpu()
+            return [host[b, : int(frames[b])].numpy() for b in range(host.shape[0])]
+
+
+def gpu_precisions(requested: str, device: str) -> list[str]:
+    """auto: bf16 on GPUs (fp16 where bf16 is missing); on CPUs fp32, plus bf16 where the CPU has native bf16
+    (both, to compare against transformers' best configuration there). An explicit choice: itself."""
+    from speech_ssl.precision import resolve_precision
+
+    if requested != "auto":
+        return [requested]
+    resolved = resolve_precision("auto", device)
+    return ["fp32", "bf16"] if device == "cpu" and resolved == "bf16" else [resolved]
+
+
+def run_gpu(args) -> dict:
+    """The Ray-free Embedder against transformers' Wav2Vec2Model on the same pre-decoded, length-sorted,
+    padded batches, passes interleaved (ours, theirs, ours, ...); x real time = audio s / wall s, host copies
+    of the batch and of the embeddings included."""
+    import torch
+
+    from speech_ssl.embed import Embedder
+    from speech_ssl.models import build
+    from speech_ssl.precision import describe_cpu
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here; dry-run with --device cpu")
+    cuda = device == "cuda"
+    precisions = gpu_precisions(args.precision, device)
+    where = torch.cuda.get_device_name() if cuda else describe_cpu()
+    print(f"machine: {where}; torch {torch.__version__}, {torch.get_num_threads()} threads; device {device}; "
+          f"precision {args.precision} -> {', '.join(precisions)}", flush=True)
+    torch.manual_seed(0)
+    encoder = build(args.model).encoder.eval()
+    batches, total, padded, plan = synthetic_batches(args, device)
+    arms: dict[str, Any] = {}
+    notes: dict[str, str] = {}
+    layer = None
+    for prec in precisions:
+        dtype = "float16" if prec != "fp32" else "float32"
+        try:
+            ours = Embedder(encoder, layers=[args.layer], pooling=args.pooling, device=device, precision=prec,
+                            dtype=dtype)
+            arms[f"ours-{prec}"] = ours
+            layer = ours.layers[0]
+        except Exception as err:  # e.g. an Embedder that refuses bf16 on CPUs
+            notes[f"ours-{prec}"] = f"{type(err).__name__}: {err}"
+        if args.no_hf or layer is None:
+            continue
+        try:
+            arms[f"transformers-{prec}"] = HFEmbedder(encoder, layer, args.pooling, device, prec, dtype)
+        except ImportError as err:
+            notes[f"transformers-{prec}"] = f"transformers is not installed ({err}): side-by-side run skipped"
+    for name, note in notes.items():
+        print(f"{name}: {note}", flush=True)
+
+    def one_pass(fn) -> tuple[float, float]:
         seconds = 0.0
+        start = time.perf_counter()
         for x, lengths in batches:
-            embedder(x, lengths)  # copies the embeddings to host numpy: synchronises
+            fn(x, lengths)  # copies the embeddings to host numpy: synchronises
             seconds += float(lengths.sum()) / 16000
-        return seconds
+        return seconds, time.perf_counter() - start
+
+    # The same outputs: the longest utterance of the first batch (unpadded, so transformers' convention of no
+    # mask for group-norm front ends does not change it) in each precision. (For pre-LN models such as tiny,
+    # transformers' last hidden state has the final LayerNorm applied, our hidden_states[last] not.)
+    parity = {}
+    x0, l0 = batches[0]
+    row = int(torch.argmax(l0))
+    for prec in precisions:
+        a, b = arms.get(f"ours-{prec}"), arms.get(f"transformers-{prec}")
+        if a is not None and b is not None:
+            mine = torch.from_numpy(a(x0, l0)[row][layer]).float()
+            theirs = torch.from_numpy(b(x0, l0)[row]).float()
+            n = min(len(mine), len(theirs))
+            parity[prec] = float((mine[:n] - theirs[:n]).norm() / theirs[:n].norm().clamp(min=1e-12))
 
     for _ in range(args.warmup):
-        one_pass()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    seconds = sum(one_pass() for _ in range(args.repeats))
-    wall = time.perf_counter() - t0
-    rate = seconds / wall
-    result = {"run": f"Embedder {args.model} layer {embedder.layers[0]} {args.precision} on {device}",
-              "audio_s": seconds, "wall_s": wall, "x_real_time": rate, "batches": len(batches),
-              "mean_batch_size": sum(len(r) for r in plan) / len(plan), "padding_waste": 1 - total / padded,
-              "pooling": args.pooling}
-    if device == "cuda":
-        result["device_name"] = torch.cuda.get_device_name()
-        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    if args.decode_rate:
-        result["decode_cores_needed"] = rate / args.decode_rate
+        for fn in arms.values():
+            one_pass(fn)
+    stats = {name: {"audio_s": 0.0, "wall_s": 0.0, "passes": []} for name in arms}
+    peaks: dict[str, int] = {}
+    weights = {name: sum(p.numel() * p.element_size() for p in (encoder if name.startswith("ours")
+                                                                 else fn.model).parameters())
+               for name, fn in arms.items()}
+    for _ in range(args.repeats):
+        for name, fn in arms.items():
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            seconds, wall = one_pass(fn)
+            if cuda:  # both models stay on the GPU: each arm's own weights plus what its pass allocated
+                peaks[name] = max(peaks.get(name, 0), weights[name] + torch.cuda.max_memory_allocated() - before)
+            stats[name]["audio_s"] += seconds
+            stats[name]["wall_s"] += wall
+            stats[name]["passes"].append(seconds / wall)
+    runs = []
+    for name, st in stats.items():
+        impl, prec = name.split("-")
+        run = {"run": f"{'Embedder' if impl == 'ours' else 'transformers Wav2Vec2Model'} {args.model} layer {layer} "
+                      f"{prec} on {device}", "impl": impl, "precision": prec, "audio_s": st["audio_s"],
+               "wall_s": st["wall_s"], "x_real_time": st["audio_s"] / st["wall_s"], "passes": st["passes"]}
+        if name in peaks:
+            run["peak_gpu_memory_gb"] = peaks[name] / 2 ** 30
+        if args.decode_rate and impl == "ours":
+            run["decode_cores_needed"] = run["x_real_time"] / args.decode_rate
+        runs.append(run)
+        print(f"{run['run']}: {run['x_real_time']:.1f}x real time ({run['audio_s']:.0f} audio-s in "
+              f"{run['wall_s']:.2f} s; passes " + ", ".join(f"{r:.1f}" for r in st["passes"]) + ")"
+              + (f", peak GPU memory {run['peak_gpu_memory_gb']:.2f} GB" if "peak_gpu_memory_gb" in run else ""),
+              flush=True)
+    rate = {r["impl"] + "-" + r["precision"]: r["x_real_time"] for r in runs}
+    ratios: dict[str, float] = {}
+    for prec in precisions:
+        if f"ours-{prec}" in rate and f"transformers-{prec}" in rate:
+            ratios[f"ours/transformers {prec}"] = rate[f"ours-{prec}"] / rate[f"transformers-{prec}"]
+    best = {impl: max((k for k in rate if k.startswith(impl + "-")), key=rate.get, default=None)
+            for impl in ("ours", "transformers")}
+    if len(precisions) > 1 and best["ours"] and best["transformers"]:
+        ratios[f"ours best ({best['ours']}) / transformers best ({best['transformers']})"] = \
+            rate[best["ours"]] / rate[best["transformers"]]
+    if "ours-bf16" in rate and "ours-fp32" in rate:
+        ratios["ours bf16/ours fp32"] = rate["ours-bf16"] / rate["ours-fp32"]
+    for key, value in ratios.items():
+        print(f"==> {key}: {value:.2f}x", flush=True)
+    for prec, diff in parity.items():
+        print(f"ours vs transformers ({prec}), longest utterance of the first batch: relative difference "
+              f"{diff:.2e}", flush=True)
+    result = {"device": device, "machine": where, "model": args.model, "layer": layer, "pooling": args.pooling,
+              "precisions": precisions, "runs": runs, "ratios": ratios, "parity_rel_diff": parity, "notes": notes,
+              "batches": len(batches), "mean_batch_size": sum(len(r) for r in plan) / len(plan),
+              "padding_waste": 1 - total / padded}
     return result
 
 
@@ -349,7 +505,7 @@ def run_gpu(args) -> dict:
 # Main
 # ---------------------------------------------------------------------------------------------------
 
-def main() -> None:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", default=str(DEFAULT_MANIFEST))
     parser.add_argument("--hours", type=float, default=0.1, help="random subset of this many hours (0: all)")
@@ -370,14 +526,20 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2,
                         help="interleaved runs of each side; the best rate counts (other people's load only slows)")
     # GPU mode
-    parser.add_argument("--gpu", action="store_true", help="measure the Ray-free Embedder on pre-decoded audio")
+    parser.add_argument("--gpu", "--direct", dest="gpu", action="store_true",
+                        help="the Ray-free Embedder against transformers on the same pre-decoded batches (on "
+                             "--device: cuda, or cpu for the CPU comparison in fp32 and native bf16)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="--gpu mode: auto = bf16 on GPUs; on CPUs fp32, and bf16 too where the CPU has it")
+    parser.add_argument("--no-hf", action="store_true", help="--gpu mode: skip transformers")
     parser.add_argument("--model", default="base")
     parser.add_argument("--layer", type=int, default=-1)
     parser.add_argument("--pooling", default="none", choices=["none", "mean"])
-    parser.add_argument("--seconds", type=float, default=3600.0, help="GPU mode: audio seconds per pass")
-    parser.add_argument("--gpu-batch-seconds", dest="gpu_batch_seconds", type=float, default=640.0)
+    parser.add_argument("--seconds", type=float, default=0.0,
+                        help="--gpu mode: audio seconds per pass (0: 3600 on GPUs, 30 on CPUs)")
+    parser.add_argument("--gpu-batch-seconds", dest="gpu_batch_seconds", type=float, default=0.0,
+                        help="--gpu mode: padded audio seconds per batch (0: 640 on GPUs, 40 on CPUs)")
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
@@ -386,10 +548,18 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--layer-index", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.gpu:
+        cuda = args.device.startswith("cuda")
+        args.seconds = args.seconds or (3600.0 if cuda else 30.0)
+        args.batch_seconds = args.gpu_batch_seconds or (640.0 if cuda else 40.0)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     if args.gpu:
-        args.batch_seconds = args.gpu_batch_seconds
         print(json.dumps(run_gpu(args)))
         return
     if args.child == "prepare":

@@ -7,16 +7,28 @@ weight). The two are timed in alternation (ours, theirs, ours, ...) so that load
 falls on both; transformers' masks and distractor indices are drawn outside its timed region (its data
 collator's job), ours inside (they are part of our forward).
 
-Also reported: this machine's fp32 matmul rate (measured in the same run), the model FLOPs we count
-per step and the fraction of the matmul rate each implementation reaches, and for `tiny` and
-`fbank-tiny` throughput and peak memory (each measured in a fresh process).
+Precision (``--dtype auto``, the default, resolved by ``speech_ssl.precision``): bf16 autocast on GPUs;
+on CPUs bf16 where the CPU has native bf16 dot products (AMX, avx512_bf16), else fp32. The CPU is named
+with its bf16 support. Where a CPU run resolves to bf16, each side runs in fp32 and in bf16 (four arms,
+alternating), so ours is compared against transformers' best configuration on the machine and against our
+own fp32.
 
-    python benchmarks/bench_model.py                       # CPU, fp32: base vs transformers + tiny presets
+Also reported: this machine's matmul rate in each precision (measured in the same run), the model FLOPs
+we count per step and the fraction of the matmul rate each arm reaches; on GPUs the step at the recipe's
+batch (6 x 14.58 s = 87.5 s of audio per GPU, ``--recipe-batch``, on by default there) and each arm's
+peak GPU memory; with ``--compile`` ours is ``torch.compile(model)`` as a whole (as the training loop
+compiles it) and the graph breaks dynamo reports are printed; for `tiny` and `fbank-tiny` throughput and
+peak memory (each measured in a fresh process).
+
+    python benchmarks/bench_model.py                       # CPU, auto precision: base vs transformers + tiny presets
     python benchmarks/bench_model.py --presets tiny,fbank-tiny --no-hf
-    python benchmarks/bench_model.py --device cuda --dtype bf16 --batch 16 --steps 10   # GPU, MFU of base
+    python benchmarks/bench_model.py --device cuda --batch 16 --steps 10 --presets base     # GPU, bf16
+    python benchmarks/bench_model.py --device cuda --batch 16 --steps 10 --presets base --compile
+    python benchmarks/bench_model.py --presets tiny --compare tiny --recipe-batch --compile --steps 1  # dry run
     python benchmarks/bench_model.py --profile prof.txt    # torch.profiler table of one step of ours
 
-Runs without Ray. Needs transformers for the comparison (skipped with a note when missing).
+Runs without Ray, and imports with torch alone. Needs transformers for the comparison (skipped with a
+note when missing).
 """
 
 from __future__ import annotations
@@ -24,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
 import statistics
 import sys
 import time
@@ -35,11 +46,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speech_ssl.models import ModelConfig, build  # noqa: E402
+from speech_ssl.models import ModelConfig, build, build_config  # noqa: E402
 from speech_ssl.models.convert import config_to_hf  # noqa: E402
+from speech_ssl.precision import cpu_bf16_features, describe_cpu, resolve_precision  # noqa: E402
 
 SAMPLE_RATE = 16000
 FBANK_HOP_S = 0.01
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RECIPE_BATCH = (6, 87.5 / 6)  # conf/run/recipe/gpu_base.yaml: batch_seconds 87.5 per GPU, crops of ~15 s
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,8 +175,8 @@ def hf_model(cfg: ModelConfig, device: str):
     return transformers.Wav2Vec2ForPreTraining(config).to(device).train()
 
 
-def hf_step(model, opt, inputs, device, dtype) -> tuple[Callable[[], None], Callable[[], dict]]:
-    """(prepare, step): prepare draws masks and distractors (numpy, untimed), step trains."""
+def hf_step(model, opt, inputs, device) -> tuple[Callable[[], None], Callable[[torch.dtype], Callable[[], dict]]]:
+    """(prepare, step_for): prepare draws masks and distractors (numpy, untimed); step_for(dtype) trains."""
     from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
     cfg = model.config
@@ -177,87 +191,180 @@ def hf_step(model, opt, inputs, device, dtype) -> tuple[Callable[[], None], Call
         state["mask"] = torch.from_numpy(mask).to(device)
         state["neg"] = torch.from_numpy(negatives).to(device)
 
-    def step() -> dict:
-        with autocast(device, dtype):
-            out = model(inputs, mask_time_indices=state["mask"], sampled_negative_indices=state["neg"])
-        masked = int(state["mask"].sum())
-        (out.loss / masked).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return {"masked": masked}
+    def step_for(dtype: torch.dtype) -> Callable[[], dict]:
+        def step() -> dict:
+            with autocast(device, dtype):
+                out = model(inputs, mask_time_indices=state["mask"], sampled_negative_indices=state["neg"])
+            masked = int(state["mask"].sum())
+            (out.loss / masked).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return {"masked": masked}
+        return step
 
-    return prepare, step
+    return prepare, step_for
 
 
 def timed(step: Callable[[], dict], device: str) -> tuple[float, dict]:
-    """Wall seconds of one step; info gets "cpu_s": process CPU seconds per torch thread (CPU runs).
+    """Wall seconds of one step; info gets "cpu_s": process CPU seconds per torch thread (CPU runs) and, on
+    GPUs, "peak_bytes": the most memory allocated during the step beyond what was allocated before it.
 
     On a shared machine wall time includes time spent waiting for a core; CPU time per thread does
     not, so it is the steadier figure of the two (it still includes cache and memory contention)."""
     sync(device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     start, cpu_start = time.perf_counter(), time.process_time()
     info = step()
     sync(device)
     info["cpu_s"] = (time.process_time() - cpu_start) / torch.get_num_threads()
+    if cuda:
+        info["peak_bytes"] = torch.cuda.max_memory_allocated() - before
     return time.perf_counter() - start, info
+
+
+def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes a model keeps between steps: parameters and optimizer state (gradients are freed each step)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for per_param in opt.state.values():
+        total += sum(v.numel() * v.element_size() for v in per_param.values() if torch.is_tensor(v))
+    return total
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` of the whole pretraining model, as the training loop compiles it (compile=true)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return torch.compile(model)
+
+
+def graph_breaks() -> dict:
+    """What dynamo reported since ``compile_model``: graph breaks by reason, and the graphs it compiled."""
+    counters = torch._dynamo.utils.counters
+    breaks = {str(reason): int(n) for reason, n in counters["graph_break"].items()}
+    return {"graph_breaks": sum(breaks.values()), "break_reasons": breaks,
+            "unique_graphs": int(counters["stats"].get("unique_graphs", 0))}
 
 
 # ---------------------------------------------------------------------------------------------------
 # measurements
 # ---------------------------------------------------------------------------------------------------
 
-def compare_base(args, rate: float, dtype: torch.dtype) -> dict:
-    cfg = build("base").config
-    inputs, steps_in = make_batch(cfg, args.batch, args.seconds, args.device)
-    audio = args.batch * args.seconds
-    flops = training_flops(cfg, args.batch, steps_in)
+def compare(args, preset: str, batch: int, seconds: float, precisions: list[str],
+            rates: dict[str, float]) -> dict:
+    """Ours against transformers (identical configuration) on one batch, in each of ``precisions``,
+    all arms timed in alternation. ``rates``: matmul FLOP/s per precision (CPU runs sample more)."""
+    cfg = build_config(preset)
+    inputs, steps_in = make_batch(cfg, batch, seconds, args.device)
+    audio = batch * seconds
+    flops = training_flops(cfg, batch, steps_in)
     torch.manual_seed(0)
-    ours = build("base").to(args.device).train()
-    if args.compile:
-        ours.encoder.context = torch.compile(ours.encoder.context)
-    runs: dict[str, dict[str, Any]] = {"ours": {"step": ours_step(ours, optimizer(ours, args.device), inputs,
-                                                                  args.device, dtype), "prepare": None}}
+    ours = build(preset).to(args.device).train()
+    ours_opt = optimizer(ours, args.device)
+    runnable = compile_model(ours) if args.compile else ours
+    models: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {"ours": (ours, ours_opt)}
+    arms: dict[str, dict[str, Any]] = {}
+    for prec in precisions:
+        arms[f"ours-{prec}"] = {"impl": "ours", "precision": prec, "prepare": None,
+                                "step": ours_step(runnable, ours_opt, inputs, args.device, DTYPES[prec])}
     if not args.no_hf:
         try:
             theirs = hf_model(cfg, args.device)
-            prepare, step = hf_step(theirs, optimizer(theirs, args.device), inputs, args.device, dtype)
-            runs["transformers"] = {"step": step, "prepare": prepare}
-        except ImportError:
-            print("transformers is not installed: comparison skipped")
-    for name, run in runs.items():
-        run["times"], run["masked"], run["cpu"] = [], [], []
-    rates = [rate]
+            theirs_opt = optimizer(theirs, args.device)
+            prepare, step_for = hf_step(theirs, theirs_opt, inputs, args.device)
+            models["transformers"] = (theirs, theirs_opt)
+            for prec in precisions:
+                arms[f"transformers-{prec}"] = {"impl": "transformers", "precision": prec, "prepare": prepare,
+                                                "step": step_for(DTYPES[prec])}
+        except ImportError as err:
+            print(f"  transformers is not installed ({err}): comparison skipped")
+    for arm in arms.values():
+        arm["times"], arm["masked"], arm["cpu"], arm["peak"] = [], [], [], []
+    samples: dict[str, list[float]] = {prec: [rates[prec]] for prec in precisions}
+    errors: dict[str, str] = {}
     for i in range(args.warmup + args.steps):
         if args.device == "cpu":  # the machine's rate between steps: the best sample is the reference
-            rates.append(matmul_rate(args.device, dtype, seconds=0.5))
-        for name, run in runs.items():
-            if run["prepare"]:
-                run["prepare"]()
-            seconds, info = timed(run["step"], args.device)
+            for prec in precisions:
+                samples[prec].append(matmul_rate(args.device, DTYPES[prec], seconds=0.5))
+        for name, arm in arms.items():
+            if arm["prepare"]:
+                arm["prepare"]()
+            try:
+                step_s, info = timed(arm["step"], args.device)
+            except Exception as err:  # e.g. a kernel without bf16 support: report, keep the other arms
+                print(f"  step {i} {name:>18}: failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+                errors[name] = f"{type(err).__name__}: {err}"
+                continue
             if i >= args.warmup:
-                run["times"].append(seconds)
-                run["masked"].append(info["masked"])
-                run["cpu"].append(info["cpu_s"])
-            print(f"  step {i} {name:>12}: {seconds:7.2f} s wall, {info['cpu_s']:7.2f} s CPU per thread"
+                arm["times"].append(step_s)
+                arm["masked"].append(info["masked"])
+                arm["cpu"].append(info["cpu_s"])
+            if "peak_bytes" in info:
+                arm["peak"].append(info["peak_bytes"])
+            print(f"  step {i} {name:>18}: {step_s:7.3f} s wall, {info['cpu_s']:7.3f} s CPU per thread"
                   f"{'  (warm-up)' if i < args.warmup else ''}", flush=True)
-    rate = max(rates)
-    result = {"audio_seconds_per_step": audio, "model_tflops_per_step": flops / 1e12,
-              "matmul_gflops_samples": [r / 1e9 for r in rates], "matmul_gflops_best": rate / 1e9}
-    for name, run in runs.items():
-        median = statistics.median(run["times"])
-        cpu = statistics.median(run["cpu"])
-        result[name] = {"median_step_s": median, "audio_s_per_s": audio / median,
-                        "median_cpu_s_per_thread": cpu, "audio_s_per_cpu_s": audio / cpu, "cpu_steps": run["cpu"],
-                        "mean_step_s": statistics.mean(run["times"]), "steps": run["times"],
-                        "masked_frames_mean": statistics.mean(run["masked"]),
-                        "model_flops_per_s": flops / median, "fraction_of_matmul_rate": flops / median / rate,
-                        "fraction_of_matmul_rate_cpu_time": flops / cpu / rate}
-    if "transformers" in result:
-        result["speedup"] = result["ours"]["audio_s_per_s"] / result["transformers"]["audio_s_per_s"]
-        result["speedup_cpu_time"] = result["ours"]["audio_s_per_cpu_s"] / result["transformers"]["audio_s_per_cpu_s"]
-        pairs = [t / o for o, t in zip(runs["ours"]["times"], runs["transformers"]["times"])]
-        result["speedup_per_pair"] = pairs
+        for name in errors:
+            arms.pop(name, None)
+    best_rate = {prec: max(v) for prec, v in samples.items()}
+    result: dict[str, Any] = {"preset": preset, "batch": batch, "seconds": seconds,
+                              "audio_seconds_per_step": audio, "model_tflops_per_step": flops / 1e12,
+                              "matmul_gflops_samples": {p: [r / 1e9 for r in v] for p, v in samples.items()},
+                              "matmul_gflops_best": {p: r / 1e9 for p, r in best_rate.items()},
+                              "compiled": bool(args.compile), "arms": {}, "errors": errors}
+    if args.compile:
+        result["ours_compile"] = graph_breaks()
+    for name, arm in arms.items():
+        if not arm["times"]:
+            continue
+        median = statistics.median(arm["times"])
+        cpu = statistics.median(arm["cpu"])
+        rate = best_rate[arm["precision"]]
+        r = {"impl": arm["impl"], "precision": arm["precision"], "median_step_s": median,
+             "audio_s_per_s": audio / median, "median_cpu_s_per_thread": cpu, "audio_s_per_cpu_s": audio / cpu,
+             "cpu_steps": arm["cpu"], "mean_step_s": statistics.mean(arm["times"]), "steps": arm["times"],
+             "masked_frames_mean": statistics.mean(arm["masked"]), "model_flops_per_s": flops / median,
+             "fraction_of_matmul_rate": flops / median / rate, "fraction_of_matmul_rate_cpu_time": flops / cpu / rate}
+        if arm["peak"]:
+            model, opt = models[arm["impl"]]
+            kept = state_bytes(model, opt)
+            # Both models live on the GPU at once: each arm's peak is its own weights and optimizer state
+            # plus the most its step allocated beyond what was allocated before the step.
+            r["peak_gpu_mb"] = (kept + max(arm["peak"])) / 2 ** 20
+            r["weights_and_optimizer_mb"] = kept / 2 ** 20
+        result["arms"][name] = r
+    result["ratios"] = ratios(result["arms"], arms)
     return result
+
+
+def ratios(measured: dict[str, dict], arms: dict[str, dict]) -> dict[str, Any]:
+    """ours / transformers per precision and best against best (wall time, and CPU time); on CPUs also
+    ours in bf16 against ours in fp32."""
+    out: dict[str, Any] = {}
+
+    def ratio(a: str, b: str, key: str) -> Optional[float]:
+        return measured[a][key] / measured[b][key] if a in measured and b in measured else None
+
+    precisions = sorted({r["precision"] for r in measured.values()})
+    for prec in precisions:
+        a, b = f"ours-{prec}", f"transformers-{prec}"
+        if a in measured and b in measured:
+            out[f"ours/transformers {prec}"] = ratio(a, b, "audio_s_per_s")
+            out[f"ours/transformers {prec} (CPU time)"] = ratio(a, b, "audio_s_per_cpu_s")
+            out[f"ours/transformers {prec} per pair"] = [t / o for o, t in zip(arms[a]["times"], arms[b]["times"])]
+    if len(precisions) > 1:
+        best = {impl: max((n for n, r in measured.items() if r["impl"] == impl),
+                          key=lambda n: measured[n]["audio_s_per_s"], default=None)
+                for impl in ("ours", "transformers")}
+        if best["ours"] and best["transformers"]:
+            out["best"] = {"ours": best["ours"], "transformers": best["transformers"],
+                           "ratio": ratio(best["ours"], best["transformers"], "audio_s_per_s"),
+                           "ratio_cpu_time": ratio(best["ours"], best["transformers"], "audio_s_per_cpu_s")}
+        if "ours-bf16" in measured and "ours-fp32" in measured:
+            out["ours bf16/ours fp32"] = ratio("ours-bf16", "ours-fp32", "audio_s_per_s")
+            out["ours bf16/ours fp32 (CPU time)"] = ratio("ours-bf16", "ours-fp32", "audio_s_per_cpu_s")
+    return out
 
 
 def _status_mb(field: str) -> float:
@@ -281,7 +388,7 @@ def _reset_peak_rss() -> None:
 
 def _preset_worker(preset: str, args_dict: dict, queue) -> None:
     args = argparse.Namespace(**args_dict)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     model = build(preset).to(args.device).train()
     cfg = model.config
@@ -325,7 +432,8 @@ def profile_ours(args, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     model = build(args.profile_preset).to(args.device).train()
     inputs, _ = make_batch(model.config, args.batch, args.seconds, args.device)
-    step = ours_step(model, optimizer(model, args.device), inputs, args.device, dtype)
+    opt = optimizer(model, args.device)
+    step = ours_step(compile_model(model) if args.compile else model, opt, inputs, args.device, dtype)
     step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
@@ -336,62 +444,124 @@ def profile_ours(args, dtype: torch.dtype) -> None:
     print(table)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+# ---------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="base,tiny,fbank-tiny")
+    parser.add_argument("--compare", default="base",
+                        help="presets (of --presets) run side by side with transformers; the others run alone")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per implementation")
+    parser.add_argument("--recipe-batch", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"also compare at the recipe's batch ({RECIPE_BATCH[0]} x {RECIPE_BATCH[1]:.2f} s = "
+                             "87.5 s of audio per GPU); default: on for GPUs, off for CPUs")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per arm")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="auto: bf16 on GPUs and on CPUs with native bf16 (then CPUs also run fp32), else fp32")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our context network")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile our whole pretraining model (as the training loop does); prints the "
+                             "graph breaks dynamo reports")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one step of ours here")
     parser.add_argument("--profile-preset", default="base")
     parser.add_argument("--json", default="", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.recipe_batch is None:
+        args.recipe_batch = args.device.startswith("cuda")
+    return args
+
+
+def run_precisions(args) -> list[str]:
+    """The precisions to compare: the resolved one; on a CPU resolving to bf16, fp32 as well."""
+    resolved = resolve_precision(args.dtype, args.device, key="--dtype")
+    if args.device == "cpu" and resolved == "bf16":
+        return ["fp32", "bf16"]
+    return [resolved]
+
+
+def print_comparison(res: dict) -> None:
+    rates = res["matmul_gflops_best"]
+    print("  matmul rate samples: " + "; ".join(
+        f"{p}: " + ", ".join(f"{r:.0f}" for r in v) + f" GFLOP/s (best {rates[p]:.0f})"
+        for p, v in res["matmul_gflops_samples"].items()))
+    print(f"  model FLOPs per step: {res['model_tflops_per_step']:.3f} TFLOP "
+          f"({res['model_tflops_per_step'] * 1e12 / res['audio_seconds_per_step'] / 1e9:.1f} GFLOP per audio s)")
+    if "ours_compile" in res:
+        c = res["ours_compile"]
+        print(f"  torch.compile(ours): {c['unique_graphs']} graph(s) compiled, {c['graph_breaks']} graph break(s)"
+              + "".join(f"\n    {n} x {reason.strip().splitlines()[0][:200] if reason.strip() else '?'}"
+                        for reason, n in c["break_reasons"].items()))
+    for name, r in res["arms"].items():
+        print(f"  {name:>18}: {r['audio_s_per_s']:.2f} audio-s/s (median step {r['median_step_s']:.3f} s wall, "
+              f"{r['median_cpu_s_per_thread']:.3f} s CPU per thread: {r['audio_s_per_cpu_s']:.2f} audio-s per "
+              f"CPU-s), {r['model_flops_per_s'] / 1e9:.0f} GFLOP/s = {100 * r['fraction_of_matmul_rate']:.1f}% "
+              f"of the best {r['precision']} matmul rate ({100 * r['fraction_of_matmul_rate_cpu_time']:.1f}% by CPU "
+              f"time), {r['masked_frames_mean']:.0f} masked frames"
+              + (f", peak GPU memory {r['peak_gpu_mb']:.0f} MB ({r['weights_and_optimizer_mb']:.0f} MB weights and "
+                 f"optimizer state)" if "peak_gpu_mb" in r else ""))
+    for name, err in res["errors"].items():
+        print(f"  {name:>18}: FAILED ({err[:200]})")
+    for key, value in res["ratios"].items():
+        if key == "best":
+            print(f"  ==> ours best ({value['ours']}) / transformers best ({value['transformers']}): "
+                  f"{value['ratio']:.2f}x by median wall time, {value['ratio_cpu_time']:.2f}x by median CPU time")
+        elif isinstance(value, list):
+            print(f"  {key}: " + ", ".join(f"{v:.2f}" for v in value))
+        else:
+            print(f"  {key}: {value:.2f}x")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    precisions = run_precisions(args)
+    main_precision = precisions[-1]
     if args.profile:
-        profile_ours(args, dtype)
+        profile_ours(args, DTYPES[main_precision])
         return
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, device {args.device}, {args.dtype}")
-    rate = matmul_rate(args.device, dtype)
-    print(f"matmul rate: {rate / 1e9:.0f} GFLOP/s ({args.dtype})")
-    results: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-                               "matmul_gflops": rate / 1e9, "batch": args.batch, "seconds": args.seconds}
+    cuda = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name() if cuda else describe_cpu()
+    print(f"machine: {where}; {torch.get_num_threads()} threads, torch {torch.__version__}, device {args.device}, "
+          f"--dtype {args.dtype} -> {', '.join(precisions)}")
+    if args.device == "cpu":
+        print("CPU bf16: " + (f"native ({', '.join(cpu_bf16_features())}): ours and transformers run in fp32 and "
+                              "bf16 autocast" if cpu_bf16_features() else "emulated (no native bf16 dot products): "
+                              "fp32 is the best configuration here"))
+    rates = {}
+    for prec in precisions:
+        rates[prec] = matmul_rate(args.device, DTYPES[prec])
+        print(f"matmul rate: {rates[prec] / 1e9:.0f} GFLOP/s ({prec})")
+    results: dict[str, Any] = {"device": args.device, "machine": where, "dtype": args.dtype,
+                               "precisions": precisions, "threads": torch.get_num_threads(),
+                               "matmul_gflops": {p: r / 1e9 for p, r in rates.items()}, "batch": args.batch,
+                               "seconds": args.seconds, "torch": torch.__version__, "comparisons": {}}
     presets = [p for p in args.presets.split(",") if p]
-    if "base" in presets:
-        print(f"base, {args.batch} x {args.seconds:g} s, forward + backward + AdamW, alternating:")
-        results["base"] = base = compare_base(args, rate, dtype)
-        print(f"  matmul rate samples between steps: "
-              + ", ".join(f"{r:.0f}" for r in base["matmul_gflops_samples"])
-              + f" GFLOP/s; best {base['matmul_gflops_best']:.0f}")
-        print(f"  model FLOPs per step: {base['model_tflops_per_step']:.3f} TFLOP "
-              f"({base['model_tflops_per_step'] * 1e12 / base['audio_seconds_per_step'] / 1e9:.1f} GFLOP per audio s)")
-        for name in ("ours", "transformers"):
-            if name in base:
-                r = base[name]
-                print(f"  {name:>12}: {r['audio_s_per_s']:.2f} audio-s/s (median step {r['median_step_s']:.2f} s wall, "
-                      f"{r['median_cpu_s_per_thread']:.2f} s CPU per thread: {r['audio_s_per_cpu_s']:.2f} audio-s per "
-                      f"CPU-s), {r['model_flops_per_s'] / 1e9:.0f} GFLOP/s = {100 * r['fraction_of_matmul_rate']:.0f}% "
-                      f"of the best matmul rate ({100 * r['fraction_of_matmul_rate_cpu_time']:.0f}% by CPU time), "
-                      f"{r['masked_frames_mean']:.0f} masked frames")
-        if "speedup" in base:
-            print(f"  speedup (ours / transformers): {base['speedup']:.2f}x by median wall time, "
-                  f"{base['speedup_cpu_time']:.2f}x by median CPU time; per alternating pair: "
-                  + ", ".join(f"{p:.2f}" for p in base["speedup_per_pair"]))
+    compared = [p for p in presets if p in args.compare.split(",")]
+    batches = [(args.batch, args.seconds)] + ([RECIPE_BATCH] if args.recipe_batch else [])
+    for preset in compared:
+        for batch, seconds in batches:
+            label = f"{preset} {batch}x{seconds:.2f}s"
+            print(f"{preset}, {batch} x {seconds:.2f} s = {batch * seconds:.1f} s of audio, forward + backward + "
+                  f"AdamW, {'torch.compile(ours), ' if args.compile else ''}alternating:", flush=True)
+            if cuda:
+                torch.cuda.empty_cache()
+            res = compare(args, preset, batch, seconds, precisions, rates)
+            results["comparisons"][label] = res
+            print_comparison(res)
     for preset in presets:
-        if preset == "base":
+        if preset in compared:
             continue
-        r = measure_preset(preset, args)
+        r = measure_preset(preset, argparse.Namespace(**{**vars(args), "dtype": main_precision}))
         results[preset] = r
-        print(f"{preset}: {r['params_m']:.1f} M params, {r['audio_s_per_s']:.1f} audio-s/s "
+        print(f"{preset} ({main_precision}): {r['params_m']:.1f} M params, {r['audio_s_per_s']:.1f} audio-s/s "
               f"(median step {r['median_step_s']:.3f} s wall; {r['audio_s_per_cpu_s']:.1f} audio-s per CPU-s per "
               f"thread), {r['model_flops_per_s'] / 1e9:.0f} GFLOP/s, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB during the steps ({r['rss_before_steps_mb']:.0f} MB with the "

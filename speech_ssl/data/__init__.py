@@ -6,12 +6,44 @@ quarantine) -> ``Batch`` tensors on the training worker. ``IngestReport`` keeps 
 read = used + quarantined + filtered. ``Vocabulary`` and ``TextNormalizer`` are the CTC text side.
 """
 
-from speech_ssl.data.audio import FeatureSpec, decode_utterance
-from speech_ssl.data.config import DataConfig, TextConfig
-from speech_ssl.data.report import IngestReport, QuarantineError
-from speech_ssl.data.sources import AUDIO_EXTENSIONS, Utterance, UtteranceList, read_source
-from speech_ssl.data.stream import Batch, BatchStream
-from speech_ssl.data.text import TextNormalizer, Vocabulary
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names are imported on first use (PEP 562), so that ``from speech_ssl.data import DataConfig`` or
+# ``speech_ssl.data.plan`` does not pull in soundfile, pyarrow or Ray: the GPU benchmark and embedding
+# paths run on machines with torch only.
+_EXPORTS = {
+    "FeatureSpec": "audio", "decode_utterance": "audio",
+    "DataConfig": "config", "TextConfig": "config",
+    "IngestReport": "report", "QuarantineError": "report",
+    "AUDIO_EXTENSIONS": "sources", "Utterance": "sources", "UtteranceList": "sources", "read_source": "sources",
+    "Batch": "stream", "BatchStream": "stream",
+    "TextNormalizer": "text", "Vocabulary": "text",
+}
+
+if TYPE_CHECKING:
+    from speech_ssl.data.audio import FeatureSpec, decode_utterance
+    from speech_ssl.data.config import DataConfig, TextConfig
+    from speech_ssl.data.report import IngestReport, QuarantineError
+    from speech_ssl.data.sources import AUDIO_EXTENSIONS, Utterance, UtteranceList, read_source
+    from speech_ssl.data.stream import Batch, BatchStream
+    from speech_ssl.data.text import TextNormalizer, Vocabulary
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "AUDIO_EXTENSIONS", "Batch", "BatchStream", "DataConfig", "FeatureSpec", "IngestReport", "QuarantineError",

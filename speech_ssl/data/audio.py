@@ -27,13 +27,26 @@ import re
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
-import soundfile as sf
 
 from speech_ssl.data.report import QuarantineError
 from speech_ssl.errors import SpeechSSLError
+
+if TYPE_CHECKING:
+    import soundfile as sf
+
+
+def _soundfile():
+    """soundfile, imported when a file is decoded (importing speech_ssl.data needs no decoder: the GPU
+    benchmarks and the embedder run on machines without one)."""
+    try:
+        import soundfile
+    except (ModuleNotFoundError, OSError) as err:  # OSError: the package without its libsndfile
+        raise SpeechSSLError(f"decoding audio files needs the soundfile package and libsndfile ({err}); "
+                             "pip install soundfile") from None
+    return soundfile
 
 NORM_EPS = 1e-7  # the variance floor of transformers' Wav2Vec2FeatureExtractor (zero-mean unit-var)
 FBANK_SCALE = 32768.0  # Kaldi features expect 16-bit sample values (as fairseq's and SeamlessM4T's fbank)
@@ -145,6 +158,7 @@ class AudioFile:
         self.sound: Optional[sf.SoundFile] = None
 
     def __enter__(self) -> sf.SoundFile:
+        sf = _soundfile()
         source: Any = self.path
         try:
             if is_uri(self.path):
@@ -266,6 +280,7 @@ def read_audio(path: str, start: float = 0.0, end: Optional[float] = None) -> tu
         first = int(round(start * rate)) if start else 0
         last = total if end is None else min(total, int(round(end * rate)))
         want = max(0, last - first)
+        sf = _soundfile()
         try:
             if first:
                 sound.seek(first)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from speech_ssl.config import ConfigError, from_dict
@@ -37,6 +36,25 @@ FORMAT_VERSION = 1
 UNSAFE_ENV = "SPEECH_SSL_ALLOW_UNSAFE_PICKLE"
 AnyModel = Union[Wav2Vec2ForPreTraining, Wav2Vec2ForCTC, Wav2Vec2Model]
 ARCHITECTURES = ("Wav2Vec2ForPreTraining", "Wav2Vec2ForCTC", "Wav2Vec2Model")
+
+
+def _safetensors():
+    """safetensors.torch, imported when weights are read or written (``import speech_ssl.models`` needs torch
+    only: a GPU machine may lack safetensors)."""
+    try:
+        import safetensors.torch
+    except ModuleNotFoundError as err:
+        raise SpeechSSLError(f"reading or writing model.safetensors needs the safetensors package ({err}); "
+                             "pip install safetensors") from None
+    return safetensors.torch
+
+
+def load_file(path: str) -> dict[str, torch.Tensor]:
+    return _safetensors().load_file(path)
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: Optional[dict[str, str]] = None) -> None:
+    _safetensors().save_file(tensors, path, metadata=metadata)
 
 
 def _architecture(model: nn.Module) -> str:
