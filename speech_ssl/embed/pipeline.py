@@ -182,20 +182,20 @@ class ActorSpec:
     unit_seconds: float  # seconds per input step
     metadata: dict[str, Any]
     concurrent_shards: int = 1  # shards in one actor at once: one computes, the others are written
+    compile: bool = False  # torch.compile of the encoder
 
 
 class ShardEmbedder:
     """Ray Data actor: loads the model once, then embeds and writes one shard per call.
 
-    With ``concurrent_shards > 1`` Ray Data runs that many calls in threads of the actor; the model runs
-    under a lock (one batch at a time on the device), and the Parquet encoding and writing of finished
-    shards, which release the GIL, overlap the next shard's compute. On a GPU a frame-level shard takes
-    far longer to write than to compute.
+    With ``concurrent_shards > 1`` Ray Data runs that many calls in threads of the actor; the Embedder
+    runs one batch at a time on the device (its own lock), and the Parquet encoding and writing of
+    finished shards, which release the GIL, overlap the next shard's compute. On a GPU a frame-level shard
+    takes far longer to write than to compute. A shard's batches go through ``Embedder.embed_batches``: on
+    a GPU the copy of a batch's embeddings to (pinned) host memory overlaps the next batch's compute.
     """
 
     def __init__(self, spec: ActorSpec):
-        import threading
-
         import torch
 
         from speech_ssl.embed.embedder import Embedder
@@ -204,9 +204,11 @@ class ShardEmbedder:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         self.embedder = Embedder.from_checkpoint(spec.checkpoint, layers=spec.layers, pooling=spec.pooling,
-                                                 device=spec.device, precision=spec.precision, dtype=spec.dtype)
+                                                 device=spec.device, precision=spec.precision, dtype=spec.dtype,
+                                                 compile=spec.compile)
+        # What precision=auto became on this actor's device, in every shard it writes.
+        self.metadata = dict(spec.metadata, resolved_precision=self.embedder.precision)
         self.out = shard_io.OutputDir(spec.output)
-        self.compute_lock = threading.Lock()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         results = []
@@ -221,33 +223,41 @@ class ShardEmbedder:
         started = time.perf_counter()
         meta, batches = unpack_shard(meta_json, blob)
         spec, embedder = self.spec, self.embedder
-        builder = shard_io.ShardBuilder(embedder.dim, spec.pooling, spec.dtype, dict(spec.metadata))
+        builder = shard_io.ShardBuilder(embedder.dim, spec.pooling, spec.dtype, dict(self.metadata))
         quarantined: list[dict] = []
         utterances = 0
         audio_seconds = padded_seconds = 0.0
-        for batch in batches:
-            quarantined.extend(batch["quarantined"])
-            if batch["inputs"] is None:
-                continue
-            inputs = torch.from_numpy(np.array(batch["inputs"]))  # a private, writable copy
-            lengths = torch.tensor(batch["lengths"], dtype=torch.long)
-            frames = embedder.output_lengths(lengths)
-            keep = frames > 0
-            for k in (~keep).nonzero().flatten().tolist():  # shorter than the front end's receptive field
-                quarantined.append({"path": batch["paths"][k], "reason": "too-short", "id": batch["ids"][k],
-                                    "detail": f"{int(lengths[k])} input steps give no output frame"})
-            if not bool(keep.any()):
-                continue
-            if not bool(keep.all()):
-                index = keep.nonzero().flatten()
-                inputs, lengths, frames = inputs[index], lengths[index], frames[index]
-            ids = [i for i, ok in zip(batch["ids"], keep.tolist()) if ok]
-            paths = [p for p, ok in zip(batch["paths"], keep.tolist()) if ok]
-            width = int(lengths.max())
-            inputs = inputs[:, :width]
-            single = bool((lengths == width).all())
-            with self.compute_lock:
-                embeddings = embedder(inputs, None if single else lengths)
+        launched: list[tuple[list[str], list[str], Any, Any]] = []  # (ids, paths, lengths, frames) per batch
+
+        def model_batches() -> Iterator[tuple[Any, Any]]:
+            """The shard's batches as the model takes them; read one batch ahead by embed_batches."""
+            for batch in batches:
+                quarantined.extend(batch["quarantined"])
+                if batch["inputs"] is None:
+                    continue
+                inputs = torch.from_numpy(np.array(batch["inputs"]))  # a private, writable copy
+                lengths = torch.tensor(batch["lengths"], dtype=torch.long)
+                frames = embedder.output_lengths(lengths)
+                keep = frames > 0
+                for k in (~keep).nonzero().flatten().tolist():  # shorter than the front end's receptive field
+                    quarantined.append({"path": batch["paths"][k], "reason": "too-short", "id": batch["ids"][k],
+                                        "detail": f"{int(lengths[k])} input steps give no output frame"})
+                if not bool(keep.any()):
+                    continue
+                if not bool(keep.all()):
+                    index = keep.nonzero().flatten()
+                    inputs, lengths, frames = inputs[index], lengths[index], frames[index]
+                ids = [i for i, ok in zip(batch["ids"], keep.tolist()) if ok]
+                paths = [p for p, ok in zip(batch["paths"], keep.tolist()) if ok]
+                width = int(lengths.max())
+                inputs = inputs[:, :width]
+                single = bool((lengths == width).all())
+                launched.append((ids, paths, lengths, frames))
+                yield inputs, None if single else lengths
+
+        for k, embeddings in enumerate(embedder.embed_batches(model_batches())):
+            ids, paths, lengths, frames = launched[k]
+            launched[k] = None  # type: ignore[call-overload]
             if spec.device == "cpu":
                 release_freed_memory()
             for b, utt_id in enumerate(ids):
@@ -255,7 +265,7 @@ class ShardEmbedder:
                             float(lengths[b]) * spec.unit_seconds, int(frames[b]), embeddings[b])
             utterances += len(ids)
             audio_seconds += float(lengths.sum()) * spec.unit_seconds
-            padded_seconds += float(inputs.shape[0] * inputs.shape[1]) * spec.unit_seconds
+            padded_seconds += float(len(ids) * int(lengths.max())) * spec.unit_seconds
         written, rows = None, len(builder)
         if rows:
             self.out.write_table(meta["shard"], builder.table())
@@ -264,7 +274,7 @@ class ShardEmbedder:
         release_freed_memory()
         return {"shard": written, "planned": meta["shard"], "utterances": utterances, "rows": rows,
                 "audio_seconds": audio_seconds, "padded_seconds": padded_seconds, "quarantined": quarantined,
-                "seconds": time.perf_counter() - started}
+                "seconds": time.perf_counter() - started, "precision": embedder.precision}
 
 
 def release_freed_memory() -> None:
@@ -464,9 +474,13 @@ def embed_corpus(cfg) -> dict[str, Any]:
     placement = None
     embed_seconds = actor_seconds = 0.0
     written: list[str] = []
+    resolved_precisions: set[str] = set()  # what the actors resolved cfg.precision to
     if todo:
         with ray_session(cfg.ray):
             placement = place(cfg.device, cfg.num_actors, cfg.actor_cpus, cfg.data.num_cpus_per_reader)
+            if placement.device == "cpu" and cfg.precision == "fp16":  # before any actor starts
+                raise ConfigError("precision", "fp16 is not used on CPUs (no fast fp16 arithmetic there); use "
+                                               "auto, bf16 or fp32.", PRECISIONS)
             # Small jobs get smaller shards, so that decoding overlaps compute and every actor has work.
             shard_seconds = min(cfg.shard_seconds, max(MIN_SHARD_SECONDS, todo_seconds / (4 * placement.num_actors)))
             shard_plans = plan_shards(todo, data, cfg.batching, shard_seconds, run_number)
@@ -475,6 +489,7 @@ def embed_corpus(cfg) -> dict[str, Any]:
                 dtype=cfg.dtype, precision=cfg.precision, device=placement.device, threads=placement.threads,
                 output=out.location, unit_seconds=spec.unit_seconds,
                 concurrent_shards=cfg.concurrent_shards or (4 if placement.device == "cuda" else 1),
+                compile=bool(cfg.compile),
                 metadata={"fingerprint": fingerprint, "model": {"checkpoint": cfg.checkpoint,
                                                                 "architecture": architecture,
                                                                 "config": asdict(model_cfg)},
@@ -495,11 +510,15 @@ def embed_corpus(cfg) -> dict[str, Any]:
                     this_run.add_quarantined(q["path"], q["reason"], q.get("detail", ""), q.get("id"))
                 this_run.add_used(result["utterances"], result["audio_seconds"], result["padded_seconds"])
                 actor_seconds += result["seconds"]
+                resolved_precisions.add(result["precision"])
                 if result["shard"]:
                     written.append(result["shard"])
                 progress.update(result["utterances"], result["audio_seconds"])
             embed_seconds = time.perf_counter() - embed_start
             log.info(progress.line())
+            if resolved_precisions:
+                log.info("embed: precision %s resolved to %s on the model actors", cfg.precision,
+                         ", ".join(sorted(resolved_precisions)))
     report.merge(this_run)
     wall = time.perf_counter() - wall_start
 
@@ -526,6 +545,7 @@ def embed_corpus(cfg) -> dict[str, Any]:
             "utterances_per_second": this_run.used / wall if wall > 0 else 0.0,
             "padding_waste": this_run.padding_waste,
             "placement": asdict(placement) if placement else None,
+            "resolved_precision": sorted(resolved_precisions),  # per actor device; [] when nothing was embedded
         },
         "config": to_dict(cfg),
     }

@@ -25,7 +25,13 @@ class Config:
     layers: transformers' hidden_states numbering (0: the context network's input, i: layer i's output;
         negative from the end, -1 the last). No layer past the deepest requested one is computed.
     pooling: none (frame-level [frames, dim]) | mean ([dim], over valid frames).
-    dtype: of the stored embeddings. precision: fp32, or bf16/fp16 autocast on GPUs.
+    dtype: of the stored embeddings.
+    precision: auto (bf16 autocast on GPUs that have it, else fp16; on CPUs bf16 autocast where they have
+        native bf16 dot products (AMX, avx512_bf16; detected and logged by each actor), else fp32) | fp32 |
+        bf16 (any device) | fp16 (GPUs only). What each actor resolved it to is in each shard's metadata
+        (resolved_precision) and in _summary.json (this_run.resolved_precision).
+    compile: run the encoder under torch.compile (dynamic shapes: batches of any size and length reuse
+        the compiled graphs); the same embeddings as eager mode, after a compilation per actor.
     batching: pad (length-bucketed padded batches; exact for both front-end norm modes) | exact (rows of
         identical length only, no padding at all).
     device: auto (GPU actors when the cluster has GPUs) | cpu | cuda.
@@ -45,7 +51,8 @@ class Config:
     layers: list[int] = field(default_factory=lambda: [-1])
     pooling: str = field(default="mean", metadata={"choices": ["none", "mean"]})
     dtype: str = field(default="float32", metadata={"choices": ["float32", "float16"]})
-    precision: str = field(default="fp32", metadata={"choices": ["fp32", "bf16", "fp16"]})
+    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "fp16"]})
+    compile: bool = False
     batching: str = field(default="pad", metadata={"choices": ["pad", "exact"]})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})
     num_actors: Optional[int] = None
