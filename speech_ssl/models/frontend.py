@@ -12,10 +12,15 @@ block conv -> norm -> GELU. Two norm modes, as in fairseq:
 The filterbank front end is the same stack fed ``n_mels`` channels (log-mel frames at 10 ms) instead
 of one waveform channel; with kernels (3,3) and strides (1,2) it outputs 20 ms frames.
 
-Layout: activations stay channels-last ([B, T, C]) through the whole stack. On the CPU each strided
-convolution runs as a few large matrix products over strided views of its input (``strided_conv``),
-forward and backward, which is about twice as fast as oneDNN's conv1d backward for these shapes. On
-other devices it is ``F.conv1d``. The weights keep the usual Conv1d layout [C_out, C_in, k].
+Layout and arithmetic: activations stay channels-last ([B, T, C]) through the whole stack, on every
+device. Each strided convolution is a few large matrix products over strided views of its input
+(``StridedConv``), forward and backward: on CPUs about twice as fast as oneDNN's conv1d backward for these
+shapes, on GPUs tensor-core GEMMs (cuBLAS) where cuDNN picks non-tensor-core kernels for these shapes and
+needs NCW transposes. The first block of a waveform model computes conv -> norm as one GEMM
+(``normalized_waveform_conv``). Under autocast every block casts its operands once and keeps the low
+precision end to end: the norms take their statistics in fp32 but return the activation's dtype, so the
+largest activations of the model are never cast or transposed. ``speech_ssl.models.fastpath.generic_ops``
+switches all of this off (``F.conv1d``, ``nn.GroupNorm`` / ``nn.LayerNorm``) for the parity tests.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speech_ssl.models.config import ModelConfig
-from speech_ssl.models.fastpath import cpu_kernels
+from speech_ssl.models.fastpath import gemm_kernels
 
 
 class GradScale(torch.autograd.Function):
@@ -101,24 +106,32 @@ class StridedConv(torch.autograd.Function):
         kernel, _, out_channels = weight.shape
         frames = grad.shape[1]
         w = weight.view(kernel * channels, out_channels)
+        on_cpu = x.device.type == "cpu"
         grad_w = weight.new_empty(kernel * channels, out_channels)
         need_x = ctx.needs_input_grad[0]
         grad_x = x.new_empty(x.shape) if need_x else None
         for index, (offset, width) in enumerate(_chunks(kernel, stride, channels)):
             a = _run_view(x, frames, stride, offset, width)
             rows = grad_w[offset:offset + width]
-            for b in range(batch):  # dW = sum over utterances of a^T @ grad, accumulated in place
-                if b == 0:
-                    torch.mm(a[b].t(), grad[b], out=rows)
-                else:
-                    rows.addmm_(a[b].t(), grad[b])
+            if on_cpu:  # dW = sum over utterances of a^T @ grad, accumulated in place (cache-friendly)
+                for b in range(batch):
+                    if b == 0:
+                        torch.mm(a[b].t(), grad[b], out=rows)
+                    else:
+                        rows.addmm_(a[b].t(), grad[b])
+            else:  # one batched GEMM; the per-utterance products are summed in fp32
+                rows.copy_(torch.bmm(a.transpose(1, 2), grad).sum(0, dtype=torch.float32))
             if not need_x:
                 continue
             w_t = w[offset:offset + width].t()
             if index == 0 and width == stride * channels:
                 # The first run tiles rows [0, stride * frames) of dx exactly: write it in place.
-                for b in range(batch):
-                    torch.mm(grad[b], w_t, out=grad_x[b, :stride * frames].view(frames, width))
+                tiled = grad_x[:, :stride * frames].view(batch, frames, width)
+                if on_cpu:
+                    for b in range(batch):
+                        torch.mm(grad[b], w_t, out=tiled[b])
+                else:
+                    tiled.copy_(torch.bmm(grad, w_t.expand(batch, out_channels, width)))
                 grad_x[:, stride * frames:].zero_()
             else:
                 if index == 0:
@@ -127,54 +140,78 @@ class StridedConv(torch.autograd.Function):
                 _run_view(grad_x, frames, stride, offset, width).add_(
                     torch.bmm(grad, w_t.expand(batch, out_channels, width)))
         grad_weight = grad_w.view(kernel, channels, out_channels)
-        grad_bias = grad.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_bias = grad.sum((0, 1), dtype=torch.float32).to(grad.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype in force for ``x``'s device, or None."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def conv1d_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
-    """[B, T, C_in] -> [B, T', C_out], no padding; weight [k, C_in, C_out]."""
-    if cpu_kernels(x):
-        return StridedConv.apply(x, weight, bias, stride)
-    return F.conv1d(x.transpose(1, 2), weight.permute(2, 1, 0), bias, stride=stride).transpose(1, 2)
+    """[B, T, C_in] -> [B, T', C_out], no padding; weight [k, C_in, C_out].
+
+    Under autocast the operands are cast once here (autocast does not reach inside an autograd Function).
+    """
+    if not gemm_kernels(x):
+        return F.conv1d(x.transpose(1, 2), weight.permute(2, 1, 0), bias, stride=stride).transpose(1, 2)
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return StridedConv.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride)
+    with torch.autocast(x.device.type, enabled=False):
+        return StridedConv.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride)
 
 
 class ChannelNormOverTime(torch.autograd.Function):
     """GroupNorm with one group per channel (each channel normalised over time), channels-last.
 
-    x [B, T, C] -> (x - mean_t) / sqrt(var_t + eps) * weight + bias. Written out because GroupNorm on a
-    channels-last view is slow (a layout copy, or a slow kernel); here forward and backward are a few
-    vectorised passes with per-(utterance, channel) coefficients.
+    x [B, T, C] -> (x - mean_t) / sqrt(var_t + eps) * weight + bias, in x's dtype. Written out because
+    GroupNorm on a channels-last view is slow (a layout copy, or a slow kernel), and under autocast it
+    would return fp32 (a cast of this, the model's largest activation, both ways). Here forward and
+    backward are a few vectorised passes with per-(utterance, channel) coefficients: the reductions
+    accumulate in fp32, the passes over x stay in its dtype.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:  # type: ignore[override]
         # Statistics from two fast reductions (var_mean over a non-inner axis is several times slower);
         # accumulated in fp32 at least, E[x^2] - E[x]^2 is accurate for the near-zero-mean conv outputs.
-        stats_x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        mean = stats_x.mean(dim=1, keepdim=True)  # [B, 1, C]
-        var = (stats_x * stats_x).mean(dim=1, keepdim=True) - mean * mean
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean = x.mean(dim=1, keepdim=True, dtype=acc)  # [B, 1, C]
+        var = (x * x).mean(dim=1, keepdim=True, dtype=acc) - mean * mean
         rstd = torch.rsqrt(var.clamp(min=0) + eps)
-        mean, rstd = mean.to(x.dtype), rstd.to(x.dtype)
-        scale = rstd * weight
-        y = torch.addcmul(bias - mean * scale, x, scale)
+        scale = rstd * weight.to(acc)
+        y = torch.addcmul((bias.to(acc) - mean * scale).to(x.dtype), x, scale.to(x.dtype))
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, mean, rstd = ctx.saved_tensors  # mean, rstd in the accumulation dtype
         time = x.shape[1]
-        sum_g = grad.sum(dim=1, keepdim=True)  # [B, 1, C]
-        sum_gx = (grad * x).sum(dim=1, keepdim=True)
+        acc = mean.dtype
+        sum_g = grad.sum(dim=1, keepdim=True, dtype=acc)  # [B, 1, C]
+        sum_gx = (grad * x).sum(dim=1, keepdim=True, dtype=acc)
         sum_gxhat = rstd * (sum_gx - mean * sum_g)  # sum_t grad * xhat
         grad_weight = sum_gxhat.sum(dim=(0, 1))
         grad_bias = sum_g.sum(dim=(0, 1))
         # dx = rstd * w * (g - mean_t(g) - xhat * mean_t(g * xhat)), as a * g + c * x + d per (b, c)
-        a = rstd * weight
+        a = rstd * weight.to(acc)
         c = -a * rstd * sum_gxhat / time
         d = -a * sum_g / time - c * mean
-        grad_x = torch.addcmul(torch.addcmul(d, x, c), grad, a)
-        return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
+        grad_x = torch.addcmul(torch.addcmul(d.to(x.dtype), x, c.to(x.dtype)), grad, a.to(x.dtype))
+        return grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
+
+
+def layer_norm_keep_dtype(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """``norm(x)`` in x's dtype even under autocast (which would return fp32: a cast both ways of a large
+    activation). torch's kernels accumulate the statistics of a bf16 / fp16 input in fp32."""
+    if x.dtype == norm.weight.dtype:
+        return norm(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
 
 
 def normalized_waveform_conv(x: Tensor, block: "ConvBlock") -> Tensor:
@@ -255,13 +292,22 @@ class ConvBlock(nn.Module):
             self.norm = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] == 1 and self.norm is not None and cpu_kernels(x):
+        if not gemm_kernels(x):  # the reference path: torch's own conv and norms
+            x = F.conv1d(x.transpose(1, 2), self.weight.permute(2, 1, 0), self.bias, stride=self.stride)
+            if self.norm_kind == "group":
+                x = self.norm(x)
+            x = x.transpose(1, 2)
+            if self.norm_kind == "layer":
+                x = self.norm(x)
+            return F.gelu(x)
+        if x.shape[-1] == 1 and self.norm is not None:
             return F.gelu(normalized_waveform_conv(x, self))
         x = conv1d_channels_last(x, self.weight, self.bias, self.stride)
         if self.norm_kind == "group":
-            x = ChannelNormOverTime.apply(x, self.norm.weight, self.norm.bias, self.norm.eps)
+            with torch.autocast(x.device.type, enabled=False):
+                x = ChannelNormOverTime.apply(x, self.norm.weight, self.norm.bias, self.norm.eps)
         elif self.norm_kind == "layer":
-            x = self.norm(x)
+            x = layer_norm_keep_dtype(x, self.norm)
         return F.gelu(x)
 
 
