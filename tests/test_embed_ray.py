@@ -48,7 +48,7 @@ def rows_by_key(out: Path) -> dict[tuple[str, int], dict]:
 
 def reference(checkpoint: Path, listing: str, layers, pooling: str) -> dict[str, dict[int, np.ndarray]]:
     """Every decodable utterance embedded alone (batch of one, no padding)."""
-    embedder = Embedder.from_checkpoint(str(checkpoint), layers=layers, pooling=pooling)
+    embedder = Embedder.from_checkpoint(str(checkpoint), layers=layers, pooling=pooling, precision="fp32")
     spec = feature_spec_for(embedder.config)
     refs = {}
     for utt in read_source(listing):
@@ -77,7 +77,8 @@ def tiny_run(ray_local, corpus):
     save_model(build("tiny"), root / "tiny")
     out = root / "out_tiny"
     code = main(["embed", f"checkpoint={root / 'tiny'}", f"input={listing}", f"output={out}", "layers=[0,2,-1]",
-                 "pooling=none", "shard_seconds=6", "data.batch_seconds=8", "progress_seconds=0"])
+                 "pooling=none", "shard_seconds=6", "data.batch_seconds=8", "progress_seconds=0",
+                 "precision=fp32"])  # exact comparisons: auto is bf16 on CPUs with native bf16
     assert code == 0
     return root, listing, out
 
@@ -146,7 +147,7 @@ def test_group_norm_model_mean_pooling(ray_local, tmp_path):
     model = build("tiny", conv_norm="group", conv_bias=False, layer_norm_first=False, normalize_waveform=False)
     save_model(model, tmp_path / "group")
     cfg = Config(checkpoint=str(tmp_path / "group"), input=str(tmp_path / "audio"), output=str(tmp_path / "out"),
-                 layers=[1, -1], pooling="mean", shard_seconds=3, concurrent_shards=2,
+                 layers=[1, -1], pooling="mean", shard_seconds=3, concurrent_shards=2, precision="fp32",
                  data=DataConfig(shuffle=False, batch_seconds=6, bucket_width=0.5))
     summary = run(cfg)
     assert summary["counts"]["used"] == 8 and summary["this_run"]["padding_waste"] > 0
@@ -177,7 +178,7 @@ def test_resume_redoes_only_the_lost_shard(tiny_run, tmp_path):
     untouched = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in shard_paths(out)}
 
     cfg = Config(checkpoint=str(root / "tiny"), input=str(listing), output=str(out), layers=[0, 2, -1],
-                 pooling="none", shard_seconds=6, batching="exact",
+                 pooling="none", shard_seconds=6, batching="exact", precision="fp32",
                  data=DataConfig(shuffle=False, batch_seconds=8))
     summary = run(cfg)
     counts = summary["counts"]
