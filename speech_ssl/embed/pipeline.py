@@ -414,6 +414,7 @@ def embed_corpus(cfg) -> dict[str, Any]:
     from speech_ssl.config import ConfigError, to_dict
     from speech_ssl.data import read_source
     from speech_ssl.embed.embedder import OUTPUT_DTYPES, POOLINGS, PRECISIONS, resolve_layers
+    from speech_ssl.precision import resolve_precision
     from speech_ssl.runtime import ray_session
     from speech_ssl.train.tasks.pretrain import feature_spec_for
 
@@ -478,9 +479,8 @@ def embed_corpus(cfg) -> dict[str, Any]:
     if todo:
         with ray_session(cfg.ray):
             placement = place(cfg.device, cfg.num_actors, cfg.actor_cpus, cfg.data.num_cpus_per_reader)
-            if placement.device == "cpu" and cfg.precision == "fp16":  # before any actor starts
-                raise ConfigError("precision", "fp16 is not used on CPUs (no fast fp16 arithmetic there); use "
-                                               "auto, bf16 or fp32.", PRECISIONS)
+            if placement.device == "cpu" and cfg.precision == "fp16":  # refused here, before any actor starts
+                resolve_precision(cfg.precision, "cpu", "precision")
             # Small jobs get smaller shards, so that decoding overlaps compute and every actor has work.
             shard_seconds = min(cfg.shard_seconds, max(MIN_SHARD_SECONDS, todo_seconds / (4 * placement.num_actors)))
             shard_plans = plan_shards(todo, data, cfg.batching, shard_seconds, run_number)

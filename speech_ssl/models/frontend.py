@@ -151,12 +151,10 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
 
 
 def conv1d_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
-    """[B, T, C_in] -> [B, T', C_out], no padding; weight [k, C_in, C_out].
+    """[B, T, C_in] -> [B, T', C_out], no padding; weight [k, C_in, C_out]: our GEMM convolution.
 
     Under autocast the operands are cast once here (autocast does not reach inside an autograd Function).
     """
-    if not gemm_kernels(x):
-        return F.conv1d(x.transpose(1, 2), weight.permute(2, 1, 0), bias, stride=stride).transpose(1, 2)
     dtype = _autocast_dtype(x)
     if dtype is None:
         return StridedConv.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride)
