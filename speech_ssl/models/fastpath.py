@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
 from torch import Tensor
 
 _enabled = True
@@ -26,8 +27,8 @@ def gemm_kernels(x: Tensor) -> bool:
 
 
 def cpu_kernels(x: Tensor) -> bool:
-    """Whether ``x`` should go through our CPU kernels."""
-    return _enabled and x.device.type == "cpu"
+    """Whether ``x`` should go through our CPU kernels (not under torch.compile, which fuses its own)."""
+    return _enabled and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 @contextlib.contextmanager

@@ -69,10 +69,12 @@ def _chunks(kernel: int, stride: int, channels: int) -> list[tuple[int, int]]:
 
 
 def _run_view(x: Tensor, frames: int, stride: int, offset: int, width: int) -> Tensor:
-    """[B, frames, width] view of channels-last ``x`` [B, T, C]: row t = x.flat[b, stride*t*C + offset:][:width]."""
+    """[B, frames, width] view of channels-last ``x`` [B, T, C]: row t = x.flat[b, stride*t*C + offset:][:width].
+
+    An ``unfold`` of the flattened rows (a strided view, no copy), which torch.compile traces too.
+    """
     batch, time, channels = x.shape
-    return x.as_strided((batch, frames, width), (time * channels, stride * channels, 1),
-                        x.storage_offset() + offset)
+    return x.reshape(batch, time * channels)[:, offset:].unfold(1, width, stride * channels)[:, :frames]
 
 
 class StridedConv(torch.autograd.Function):
@@ -231,7 +233,7 @@ def normalized_waveform_conv(x: Tensor, block: "ConvBlock") -> Tensor:
     batch, samples, _ = x.shape
     kernel, stride = block.weight.shape[0], block.stride
     frames = (samples - kernel) // stride + 1
-    windows = x.reshape(batch, samples).as_strided((batch, frames, kernel), (samples, stride, 1)).contiguous()
+    windows = x.reshape(batch, samples).unfold(1, kernel, stride)[:, :frames].contiguous()
     weight = block.weight.view(kernel, -1)  # [k, C]
     channels = weight.shape[1]
     bias = block.bias if block.bias is not None else weight.new_zeros(channels)
@@ -344,7 +346,10 @@ class ConvFeatureEncoder(nn.Module):
                 raise ValueError(f"the fbank front end takes features [B, frames, n_mels]; got shape "
                                  f"{tuple(inputs.shape)}")
             x = inputs
-        if int(self.output_lengths(torch.tensor(x.shape[1]))) < 1:
+        steps = x.shape[1]
+        for kernel, stride in zip(self.kernels, self.strides):  # in Python: no tensor, no device read
+            steps = max((steps - kernel) // stride + 1, 0)
+        if steps < 1:
             raise ValueError(f"input of {x.shape[1]} steps is shorter than the front end's receptive field")
         for layer in self.layers:
             x = layer(x)

@@ -11,9 +11,9 @@ a buffer so that it is saved in the state dict and restored with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -48,26 +48,50 @@ class GumbelQuantizer(nn.Module):
     def set_num_updates(self, num_updates: int) -> None:
         value = max(self.max_temperature * self.temperature_decay ** num_updates, self.min_temperature)
         self.temperature.fill_(value)
+        self.temperature_value = value
 
-    def forward(self, x: Tensor) -> QuantizerOutput:
+    @property
+    def temperature_value(self) -> float:
+        """The temperature as a number, without reading the buffer back from the device each step."""
+        cached = self.__dict__.get("_temperature_value")
+        if cached is None:  # first use, or the buffer was loaded from a state dict
+            cached = self.__dict__["_temperature_value"] = float(self.temperature)
+        return cached
+
+    @temperature_value.setter
+    def temperature_value(self, value: float) -> None:
+        self.__dict__["_temperature_value"] = value
+
+    def _load_from_state_dict(self, *args, **kwargs):  # a loaded temperature replaces the cached number
+        self.__dict__.pop("_temperature_value", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> QuantizerOutput:
+        """x [N, C] -> QuantizerOutput. weights [N] (0 / 1): which frames the statistics are taken over
+        (the masked ones in pretraining); None: all of them. Fixed shapes, no host reads."""
         n = x.size(0)
         logits = self.logits_proj(x).float().view(n, self.groups, self.entries)
-        # Statistics over the frames given (the masked ones, in pretraining), without Gumbel noise.
+        entries = torch.arange(self.entries, device=x.device)
+        if weights is None:
+            weights = logits.new_ones(n)
+        weights = weights.to(logits.dtype).view(n, 1, 1)
+        total = weights.sum().clamp(min=1)
+        # Statistics over the weighted frames, without Gumbel noise.
         probs = torch.softmax(logits, dim=-1)
-        prob_ppl = perplexity(probs.sum(dim=0) / max(n, 1))
+        prob_ppl = perplexity((probs * weights).sum(dim=0) / total)
         argmax = logits.argmax(dim=-1)
         with torch.no_grad():
-            counts = F.one_hot(argmax, self.entries).float().sum(dim=0) / max(n, 1)
+            counts = ((argmax.unsqueeze(-1) == entries).to(logits.dtype) * weights).sum(dim=0) / total
             code_ppl = perplexity(counts)
         if self.training:
             gumbel = -torch.empty_like(logits).exponential_().log()
             soft = torch.softmax((logits + gumbel) / self.temperature, dim=-1)
             codes = soft.argmax(dim=-1)
-            hard = F.one_hot(codes, self.entries).to(soft.dtype)
+            hard = (codes.unsqueeze(-1) == entries).to(soft.dtype)
             onehot = hard - soft.detach() + soft  # straight-through: hard forward, soft gradient
         else:
             codes = argmax
-            onehot = F.one_hot(codes, self.entries).to(logits.dtype)
+            onehot = (codes.unsqueeze(-1) == entries).to(logits.dtype)
         codebook = self.codebook.view(self.groups, self.entries, -1)
         # [G, N, V] @ [G, V, d] -> [G, N, d] -> [N, G * d]
         quantized = torch.bmm(onehot.transpose(0, 1).to(codebook.dtype), codebook)

@@ -37,8 +37,11 @@ class TrainerConfig:
     num_workers: Ray Train workers (0 runs the loop in this process, without Ray Train).
     cpus_per_worker: fractional values keep CPUs free for Ray Data on small machines.
     placement_strategy: how Ray places the workers on nodes (PACK fills a node first; SPREAD uses many).
-    precision: auto (bf16 on GPUs that support it, else fp16 with a grad scaler; fp32 on CPU) |
-        fp32 | bf16 | fp16.
+    precision: auto (bf16 autocast on GPUs that support it, else fp16 with a grad scaler; on CPUs bf16
+        where the CPU has native bf16 dot products, else fp32; see speech_ssl.precision) | fp32 | bf16 |
+        fp16 (GPUs only).
+    compile: torch.compile the model, region by region (speech_ssl.models.compile); the first batches
+        take longer while it compiles.
     update_freq: batches accumulated per optimizer update on each worker.
     max_updates: optimizer updates in the whole run (across resumes).
     log_every / validate_every / checkpoint_every: in optimizer updates (0 disables).
@@ -53,6 +56,7 @@ class TrainerConfig:
     gpus_per_worker: float = 1.0
     placement_strategy: str = field(default="PACK", metadata={"choices": ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]})
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "fp16"]})
+    compile: bool = False
     max_updates: int = 1000
     update_freq: int = 1
     seed: int = 1

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from speech_ssl.errors import SpeechSSLError
+from speech_ssl.models.compile import compile_model
+from speech_ssl.precision import autocast, resolve_precision
 from speech_ssl.train import checkpoint as ckpt
 from speech_ssl.train.checkpoint import TrainingState
 from speech_ssl.train.config import TrainerConfig
@@ -38,23 +40,18 @@ class NonFiniteError(SpeechSSLError):
     pass
 
 
-def resolve_precision(cfg: TrainerConfig, device: torch.device) -> str:
-    """fp32 on CPU (bf16 matmuls are hundreds of times slower there); bf16 or fp16 on GPUs."""
-    if device.type != "cuda":
-        if cfg.precision in ("bf16", "fp16"):
-            log.warning("precision=%s requested on CPU: using fp32 (no fast low-precision math on CPU)",
-                        cfg.precision)
-        return "fp32"
-    if cfg.precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return cfg.precision
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def _host_numbers(values: list) -> list[float]:
+    """Numbers and device tensors -> floats, reading each device once for all of its tensors."""
+    out = [v if not isinstance(v, torch.Tensor) else None for v in values]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(i)
+    for indices in by_device.values():
+        read = torch.stack([values[i].detach().reshape(()).to(torch.float64) for i in indices]).tolist()
+        for i, number in zip(indices, read):
+            out[i] = number
+    return [float(v) for v in out]
 
 
 def _wrap_ddp(model: torch.nn.Module, ctx, task: Task) -> torch.nn.Module:
@@ -143,14 +140,16 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
     is_main = ctx.rank == 0
     distributed = ctx.distributed and ctx.world_size > 1
     device = ctx.device
-    precision = resolve_precision(cfg, device)
+    precision = resolve_precision(cfg.precision, device, "trainer.precision")
+    if is_main:
+        log.info("precision: %s on %s%s", precision, device, ", compiled" if cfg.compile else "")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     # ---- model, optimizer, schedule -------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker
     model = task.build_model().to(device)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_updates)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = TrainingState(world_size=ctx.world_size, task=task.name)
@@ -182,6 +181,8 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
         torch.manual_seed(cfg.seed * 7919 + ctx.rank)  # masking/dropout differ between workers
 
     task.on_update(model, state.updates)
+    if cfg.compile:  # in place, region by region: same parameters and state-dict keys, DDP wraps it as usual
+        compile_model(model)
     trainable = _trainable(model)
     ddp_model = _wrap_ddp(model, ctx, task)
     params = [p for p in model.parameters()]
@@ -216,21 +217,25 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
             sync_now = micro == cfg.update_freq - 1
             no_sync = ddp_model.no_sync if (distributed and not sync_now) else contextlib.nullcontext
             with no_sync():
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     out: StepOutput = task.step(ddp_model, batch, device)
                 loss = out.loss_sum.float()
-                if not torch.isfinite(loss):
-                    nonfinite_loss = 1.0
-                    loss = loss.nan_to_num(0.0, 0.0, 0.0)  # still run backward: DDP needs every worker
+                # A non-finite loss still runs backward (DDP needs every worker); nothing is read from
+                # the device until backward is queued, so the device never waits for the host mid-step.
+                nonfinite = ~torch.isfinite(loss)
+                loss = loss.nan_to_num(0.0, 0.0, 0.0)
                 t_fwd = time.monotonic()
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             t_bwd = time.monotonic()
             window.forward += t_fwd - t1
             window.backward += t_bwd - t_fwd  # includes DDP's gradient all-reduce on the last micro-batch
-            sample_size += float(out.sample_size)
-            loss_total += float(loss.detach())
+            keys = list(out.logs)
+            numbers = _host_numbers([out.sample_size, loss.detach(), nonfinite, *out.logs.values()])
+            sample_size += numbers[0]
+            loss_total += numbers[1]
+            nonfinite_loss = max(nonfinite_loss, numbers[2])
             audio += out.audio_seconds
-            for k, v in out.logs.items():
+            for k, v in zip(keys, numbers[3:]):
                 if k in task.mean_keys:
                     means[k] = means.get(k, 0.0) + v / cfg.update_freq
                 else:

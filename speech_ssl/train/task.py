@@ -8,7 +8,7 @@ owns the meaning: which model, which data, what the loss is, what validation mea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Protocol, Sequence
+from typing import Any, Iterable, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -23,12 +23,13 @@ class StepOutput:
     sample_size: what the loss is normalised by; summed over micro-batches and workers first, so the
         update's gradient is d(sum of losses)/d(theta) / (total sample size), as fairseq does.
     logs: additive statistics (sums), reduced the same way; ``Task.mean_keys`` are averaged instead.
+    sample_size and logs may be 0-d device tensors: the loop reads them all at once after backward.
     audio_seconds: unpadded audio in the batch (for throughput).
     """
 
     loss_sum: torch.Tensor
-    sample_size: float
-    logs: dict[str, float] = field(default_factory=dict)
+    sample_size: Union[float, torch.Tensor]
+    logs: dict[str, Union[float, torch.Tensor]] = field(default_factory=dict)
     audio_seconds: float = 0.0
 
 

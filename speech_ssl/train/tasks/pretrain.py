@@ -116,14 +116,18 @@ class PretrainTask:
     # -- loss ----------------------------------------------------------------------------------------
     @staticmethod
     def _forward(model, batch, device):
-        lengths = None if batch.lengths is None else batch.lengths.to(device, non_blocking=True)
-        if lengths is not None and bool((lengths == batch.inputs.shape[1]).all()):
+        lengths = batch.lengths
+        if lengths is not None and bool((lengths == batch.inputs.shape[1]).all()):  # on the host: no device read
             lengths = None  # nothing padded: the faster path
+        if lengths is not None:
+            lengths = lengths.to(device, non_blocking=True)
         return model(batch.inputs.to(device, non_blocking=True), lengths)
 
     def step(self, model, batch, device) -> StepOutput:
         out = self._forward(model, batch, device)
-        return StepOutput(out.loss_sum, out.sample_size, dict(out.logs), batch.audio_seconds)
+        # Device tensors: the loop reads them once, after backward is queued.
+        return StepOutput(out.loss_sum, out.num_masked, {**out.stats, "temperature": out.temperature},
+                          batch.audio_seconds)
 
     def summarize(self, sums: dict[str, float], sample_size: float) -> dict[str, float]:
         metrics = {k: v for k, v in sums.items() if k not in ("loss_sum",)}

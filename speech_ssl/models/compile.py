@@ -1,0 +1,54 @@
+"""``torch.compile`` of our models, region by region, each region one whole graph (``fullgraph=True``).
+
+    compile_model(model)      # in place; the state dict keeps its keys; returns the model
+
+The regions are the front end (with the feature LayerNorm), each Transformer layer, and, for
+pretraining, the objective (quantizer, projections, distractors, loss): all the model's arithmetic. What
+stays eager between them is a handful of small ops and one Python decision per layer: LayerDrop, whose
+draw comes from the CPU generator. Compiling each layer on its own keeps LayerDrop's semantics (a dropped
+layer is skipped: no work, no gradient, as in fairseq) without a graph break or a read from the device,
+compiles one layer graph for all layers instead of twelve, and is what PyTorch recommends for stacks of
+identical blocks ("regional compilation"). ``fullgraph=True`` makes any graph break in a region an error,
+so none can creep in unnoticed (tests/test_models_compile.py).
+
+Shapes vary from batch to batch (utterance lengths, batch size): the regions are compiled with dynamic
+shapes, so a new length does not recompile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from speech_ssl.models.wav2vec2 import Wav2Vec2ForPreTraining, Wav2Vec2Model
+
+
+def _encoder(model: nn.Module) -> Wav2Vec2Model:
+    if isinstance(model, Wav2Vec2Model):
+        return model
+    encoder = getattr(model, "encoder", None)
+    if isinstance(encoder, Wav2Vec2Model):
+        return encoder
+    raise TypeError(f"not a wav2vec 2.0 model of speech_ssl: {type(model).__name__}")
+
+
+def compile_model(model: nn.Module, **options: Any) -> nn.Module:
+    """Compile ``model``'s regions in place (any of our model classes); ``options`` go to torch.compile.
+
+    Idempotent. Parameters, buffers and state-dict keys are unchanged, so checkpoints, DDP and the
+    optimizer see the same model.
+    """
+    if getattr(model, "_speech_ssl_compiled", False):
+        return model
+    options = {"fullgraph": True, "dynamic": True, **options}
+    encoder = _encoder(model)
+    encoder.feature_encoder.compile(**options)
+    encoder.feature_norm.compile(**options)
+    for layer in encoder.context.layers:
+        layer.compile(**options)
+    if isinstance(model, Wav2Vec2ForPreTraining):
+        model.compiled_objective = torch.compile(model._objective, **options)
+    model._speech_ssl_compiled = True
+    return model
