@@ -16,8 +16,8 @@ own fp32.
 Also reported: this machine's matmul rate in each precision (measured in the same run), the model FLOPs
 we count per step and the fraction of the matmul rate each arm reaches; on GPUs the step at the recipe's
 batch (6 x 14.58 s = 87.5 s of audio per GPU, ``--recipe-batch``, on by default there) and each arm's
-peak GPU memory; with ``--compile`` ours is ``torch.compile(model)`` as a whole (as the training loop
-compiles it) and the graph breaks dynamo reports are printed; for `tiny` and `fbank-tiny` throughput and
+peak GPU memory; with ``--compile`` ours is compiled as the training loop compiles it
+(``speech_ssl.models.compile``: region by region, each a whole graph) and dynamo's graph count is printed; for `tiny` and `fbank-tiny` throughput and
 peak memory (each measured in a fresh process).
 
     python benchmarks/bench_model.py                       # CPU, auto precision: base vs transformers + tiny presets
@@ -161,7 +161,7 @@ def ours_step(model, opt, inputs, device, dtype) -> Callable[[], dict]:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return {"masked": out.sample_size}
+        return {"masked": out.num_masked}  # read after the step is timed, like the loop reads it after backward
     return step
 
 
@@ -234,10 +234,13 @@ def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile`` of the whole pretraining model, as the training loop compiles it (compile=true)."""
+    """Our model compiled as the training loop compiles it (``trainer.compile=true``): region by region,
+    each region one whole graph (``speech_ssl.models.compile``; a graph break there is an error)."""
+    from speech_ssl.models.compile import compile_model as compile_regions
+
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    return torch.compile(model)
+    return compile_regions(model)
 
 
 def graph_breaks() -> dict:
@@ -299,7 +302,7 @@ def compare(args, preset: str, batch: int, seconds: float, precisions: list[str]
                 continue
             if i >= args.warmup:
                 arm["times"].append(step_s)
-                arm["masked"].append(info["masked"])
+                arm["masked"].append(int(info["masked"]))
                 arm["cpu"].append(info["cpu_s"])
             if "peak_bytes" in info:
                 arm["peak"].append(info["peak_bytes"])
@@ -465,7 +468,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="auto: bf16 on GPUs and on CPUs with native bf16 (then CPUs also run fp32), else fp32")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile our whole pretraining model (as the training loop does); prints the "
+                        help="compile our pretraining model as trainer.compile=true does; prints the "
                              "graph breaks dynamo reports")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", default="", help="write a torch.profiler table of one step of ours here")

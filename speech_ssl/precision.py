@@ -8,7 +8,8 @@
   ``bf16`` forces it anyway (with a warning where it is emulated); fp16 is never used on CPUs.
 
 Training, fine-tuning, evaluation and embedding all resolve precision here, so the choice and its
-log line are the same everywhere.
+log line are the same everywhere. torch is imported when a precision is resolved, not with this module:
+the configs that declare ``precision_field()`` stay light to import (``speech-ssl --help``).
 """
 
 from __future__ import annotations
@@ -17,16 +18,22 @@ import contextlib
 import functools
 import logging
 import platform
-from typing import ContextManager
-
-import torch
+from dataclasses import field
+from typing import TYPE_CHECKING, Any, ContextManager
 
 from speech_ssl.config import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 log = logging.getLogger("speech_ssl.precision")
+
+
+def precision_field() -> Any:
+    """The ``precision`` setting of a stage's config: ``auto`` by default, checked against PRECISIONS."""
+    return field(default="auto", metadata={"choices": list(PRECISIONS)})
 
 
 def _cpu_flags() -> set[str]:
@@ -43,6 +50,8 @@ def _cpu_flags() -> set[str]:
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_features() -> tuple[str, ...]:
     """The native bf16 features of this CPU (empty when bf16 would be emulated)."""
+    import torch
+
     found = []
     probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
     for name, probe in probes.items():
@@ -63,6 +72,8 @@ def cpu_bf16_features() -> tuple[str, ...]:
 
 def describe_cpu() -> str:
     """One line naming the CPU's vector unit and bf16 support (printed by the benchmarks)."""
+    import torch
+
     features = cpu_bf16_features()
     capability = torch.backends.cpu.get_cpu_capability()
     bf16 = f"native bf16 ({', '.join(features)})" if features else "no native bf16"
@@ -74,6 +85,8 @@ def resolve_precision(requested: str, device: torch.device | str, key: str = "pr
 
     ``key`` names the setting in error messages (``trainer.precision``, ``precision``).
     """
+    import torch
+
     if requested not in PRECISIONS:
         raise ConfigError(key, f"unknown precision {requested!r}.", PRECISIONS)
     device = torch.device(device)
@@ -99,6 +112,9 @@ def resolve_precision(requested: str, device: torch.device | str, key: str = "pr
 
 def autocast(device: torch.device | str, precision: str) -> ContextManager:
     """The autocast context of a resolved precision (a no-op for fp32)."""
+    import torch
+
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -10,7 +10,7 @@ import torch
 from speech_ssl.models import build
 from speech_ssl.models.masking import compute_span_mask
 from speech_ssl.models.quantizer import GumbelQuantizer
-from speech_ssl.models.wav2vec2 import sample_negatives
+from speech_ssl.models.wav2vec2 import masked_frame_table, sample_negatives
 
 
 def waves(batch=2, samples=16000, seed=0):
@@ -69,19 +69,76 @@ def test_pretraining_masks_follow_the_config():
 
 def test_distractors_never_the_positive_and_stay_in_the_utterance():
     torch.manual_seed(3)
-    counts = torch.tensor([7, 1, 30, 2])
-    rows = torch.repeat_interleave(torch.arange(4), counts)
-    positions = torch.cat([torch.arange(c) for c in counts.tolist()])
-    neg = sample_negatives(rows, positions, counts, 200)
-    assert neg.shape == (int(counts.sum()), 200)
-    assert (neg < counts[rows][:, None]).all() and (neg >= 0).all()
-    several = counts[rows] > 1
-    assert (neg[several] != positions[several][:, None]).all()
-    # uniform over the *other* masked frames: each of them gets drawn
-    row2 = rows == 2
-    for frame in torch.nonzero(row2).flatten()[:3].tolist():
-        drawn = set(neg[frame].tolist())
-        assert drawn == set(range(30)) - {positions[frame].item()}
+    time = 40
+    mask = torch.zeros(4, time, dtype=torch.bool)
+    chosen = [torch.randperm(time)[:c] for c in (7, 1, 30, 2)]  # scattered masked frames
+    for b, frames in enumerate(chosen):
+        mask[b, frames] = True
+    neg = sample_negatives(mask, 200)  # [B, T, K] frame indices
+    assert neg.shape == (4, time, 200)
+    for b, frames in enumerate(chosen):
+        masked = set(frames.tolist())
+        for t in frames.tolist():
+            drawn = set(neg[b, t].tolist())
+            assert drawn <= masked  # only masked frames of the same utterance, never padding
+            if len(masked) > 1:  # uniform over the *other* masked frames: each of them gets drawn
+                assert t not in drawn
+                if b == 2:
+                    assert drawn == masked - {t}
+
+
+def test_masked_frame_table_ranks_and_locates_the_masked_frames():
+    mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 1]], dtype=torch.bool)
+    counts, rank, frame_of = masked_frame_table(mask)
+    assert counts.tolist() == [3, 0, 2]
+    assert rank[mask].tolist() == [0, 1, 2, 0, 1]
+    assert frame_of[0, :3].tolist() == [1, 2, 4] and frame_of[2, :2].tolist() == [0, 4]
+
+
+def test_objective_has_fixed_shapes_and_reads_nothing_back():
+    """The objective scores every frame and weights by the mask: its logits cover [B, T, K+1], the
+    masked rows are what fairseq's gather would give, and no tensor is read back to the host (a step
+    can be queued and compiled whole)."""
+    torch.manual_seed(6)
+    model = build("tiny")
+    x = waves(3, 16000)
+    feats = model.encoder.extract_features(x)
+    mask = model.encoder.compute_time_mask(feats)
+    enc = model.encoder.contextualize(feats, mask)
+    original = torch.Tensor.item
+    def refuse(*args, **kwargs):
+        raise AssertionError("the objective read a tensor back to the host")
+    torch.Tensor.item = refuse
+    try:
+        loss_sum, num_masked, frame_logits, stats = model._objective(
+            enc.last_hidden_state, feats.features, mask, feats.feature_penalty, feats.lengths)
+    finally:
+        torch.Tensor.item = original
+    assert frame_logits.shape[:2] == mask.shape
+    assert int(num_masked) == int(mask.sum())
+    per_frame = torch.logsumexp(frame_logits, -1) - frame_logits[..., 0]
+    assert torch.allclose(per_frame[mask].sum(), stats["contrastive"], rtol=1e-5)
+
+
+def test_objective_ignores_non_finite_unmasked_frames():
+    """A NaN in a frame that is neither masked nor a distractor (e.g. garbage in padding) must not reach
+    the loss or the gradients: unmasked frames are selected out, not multiplied by zero."""
+    torch.manual_seed(7)
+    model = build("tiny")
+    feats = model.encoder.extract_features(waves(2, 16000))
+    mask = model.encoder.compute_time_mask(feats)
+    enc = model.encoder.contextualize(feats, mask)
+    hidden = enc.last_hidden_state.detach().clone().requires_grad_(True)
+    unmasked = (~mask).nonzero()[0]
+    poisoned = hidden.detach().clone()
+    poisoned[unmasked[0], unmasked[1]] = float("nan")
+    poisoned.requires_grad_(True)
+    loss, *_ = model._objective(poisoned, feats.features.detach(), mask, feats.feature_penalty.detach(),
+                                feats.lengths)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grad = poisoned.grad
+    assert torch.isfinite(grad[mask]).all()
 
 
 def test_identical_codeword_distractors_are_masked_out():

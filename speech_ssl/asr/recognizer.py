@@ -31,6 +31,7 @@ from speech_ssl.asr.decoding import BeamConfig, build_decoder
 from speech_ssl.config import ConfigError, from_dict
 from speech_ssl.data import BatchStream, DataConfig, TextConfig, TextNormalizer, Utterance, Vocabulary
 from speech_ssl.errors import SpeechSSLError
+from speech_ssl.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +125,14 @@ class Recognizer:
 
     def __init__(self, model: torch.nn.Module, vocab: Vocabulary, text: TextConfig, decoder_kind: str = "greedy",
                  beam: Optional[BeamConfig] = None, lexicon_words: Optional[Sequence[str]] = None,
-                 device: Optional[torch.device] = None, source: str = ""):
+                 device: Optional[torch.device] = None, source: str = "", precision: str = "auto"):
         if getattr(model, "vocab_size", None) != len(vocab):
             raise SpeechSSLError(f"{source or 'the model'}: the CTC head has {getattr(model, 'vocab_size', '?')} "
                                  f"outputs but vocab.json {len(vocab)} tokens")
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
+        # bf16 autocast on GPUs and on CPUs with native bf16 (speech_ssl.precision); CTC logits are read in fp32.
+        self.precision = resolve_precision(precision, self.device, "precision")
         self.vocab = vocab
         self.text = text
         self.normalizer = TextNormalizer(text)
@@ -141,7 +144,8 @@ class Recognizer:
 
     @classmethod
     def load(cls, checkpoint: str | Path, decoder: str = "greedy", beam: Optional[BeamConfig] = None,
-             fallback_text: Optional[TextConfig] = None, device: Optional[torch.device] = None) -> "Recognizer":
+             fallback_text: Optional[TextConfig] = None, device: Optional[torch.device] = None,
+             precision: str = "auto") -> "Recognizer":
         """A recogniser from a fine-tuned checkpoint directory (ours, a fine-tuning run's output_dir, or a
         transformers CTC directory with its vocab.json)."""
         from speech_ssl.models import Wav2Vec2ForCTC, load
@@ -160,7 +164,7 @@ class Recognizer:
         if text is None:
             text = fallback_text or TextConfig()
             log.info("%s has no %s: transcripts are normalised with data.text", directory, TEXT_CONFIG_FILE)
-        return cls(model, vocab, text, decoder, beam, read_lexicon_words(directory), device, str(path))
+        return cls(model, vocab, text, decoder, beam, read_lexicon_words(directory), device, str(path), precision)
 
     # -- data ------------------------------------------------------------------------------------------
     def batches(self, utterances: Sequence[Utterance], data: DataConfig, use_ray: bool) -> BatchStream:
@@ -180,7 +184,8 @@ class Recognizer:
     def transcribe_batch(self, inputs: torch.Tensor, lengths: Optional[torch.Tensor]) -> list[str]:
         """Transcripts of one batch of model inputs ([B, samples] or [B, frames, n_mels])."""
         t0 = time.perf_counter()
-        out = self.model(inputs.to(self.device), None if lengths is None else lengths.to(self.device))
+        with autocast(self.device, self.precision):
+            out = self.model(inputs.to(self.device), None if lengths is None else lengths.to(self.device))
         logits = out.logits.float()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

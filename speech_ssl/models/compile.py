@@ -17,7 +17,7 @@ shapes, so a new length does not recompile.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -25,25 +25,28 @@ from torch import nn
 from speech_ssl.models.wav2vec2 import Wav2Vec2ForPreTraining, Wav2Vec2Model
 
 
-def _encoder(model: nn.Module) -> Wav2Vec2Model:
+def _encoder(model: nn.Module) -> Optional[Wav2Vec2Model]:
     if isinstance(model, Wav2Vec2Model):
         return model
     encoder = getattr(model, "encoder", None)
-    if isinstance(encoder, Wav2Vec2Model):
-        return encoder
-    raise TypeError(f"not a wav2vec 2.0 model of speech_ssl: {type(model).__name__}")
+    return encoder if isinstance(encoder, Wav2Vec2Model) else None
 
 
 def compile_model(model: nn.Module, **options: Any) -> nn.Module:
-    """Compile ``model``'s regions in place (any of our model classes); ``options`` go to torch.compile.
+    """Compile ``model``'s regions in place (any of our model classes; another module is compiled whole);
+    ``options`` go to torch.compile.
 
     Idempotent. Parameters, buffers and state-dict keys are unchanged, so checkpoints, DDP and the
     optimizer see the same model.
     """
     if getattr(model, "_speech_ssl_compiled", False):
         return model
-    options = {"fullgraph": True, "dynamic": True, **options}
     encoder = _encoder(model)
+    if encoder is None:  # not one of ours (a task's own model): torch.compile as a whole, breaks allowed
+        model.compile(**{"dynamic": True, **options})
+        model._speech_ssl_compiled = True
+        return model
+    options = {"fullgraph": True, "dynamic": True, **options}
     encoder.feature_encoder.compile(**options)
     encoder.feature_norm.compile(**options)
     for layer in encoder.context.layers:

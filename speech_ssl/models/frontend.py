@@ -77,6 +77,21 @@ def _run_view(x: Tensor, frames: int, stride: int, offset: int, width: int) -> T
     return x.reshape(batch, time * channels)[:, offset:].unfold(1, width, stride * channels)[:, :frames]
 
 
+def im2col_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
+    """StridedConv's arithmetic for torch.compile: the taps side by side [B, T', k * C_in], one GEMM.
+
+    x [B, T, C_in]; weight [k, C_in, C_out] (tap-major, like the columns). Every op is functional (the
+    compiler derives and fuses the backward; it mis-traces StridedConv's, which writes into views in place)
+    and every shape is a plain function of the length: StridedConv's run views are contiguous or not
+    depending on the length's parity, which would make the compiler guard on it and recompile.
+    """
+    kernel, channels, out_channels = weight.shape
+    frames = (x.shape[1] - kernel) // stride + 1
+    taps = [x[:, tap: tap + stride * (frames - 1) + 1: stride] for tap in range(kernel)]  # [B, T', C_in] each
+    y = torch.matmul(torch.cat(taps, dim=-1), weight.reshape(kernel * channels, out_channels))
+    return y if bias is None else y + bias
+
+
 class StridedConv(torch.autograd.Function):
     """conv1d (no padding) over channels-last x [B, T, C_in]; weight [k, C_in, C_out] -> [B, T', C_out]."""
 
@@ -157,11 +172,13 @@ def conv1d_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor], stri
 
     Under autocast the operands are cast once here (autocast does not reach inside an autograd Function).
     """
-    dtype = _autocast_dtype(x)
-    if dtype is None:
-        return StridedConv.apply(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype), stride)
+    dtype = _autocast_dtype(x) or x.dtype
     with torch.autocast(x.device.type, enabled=False):
-        return StridedConv.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        if torch.compiler.is_compiling():
+            return im2col_conv(x, weight, bias, stride)
+        return StridedConv.apply(x, weight, bias, stride)
 
 
 class ChannelNormOverTime(torch.autograd.Function):

@@ -270,7 +270,8 @@ class Wav2Vec2ForPreTraining(nn.Module):
         frame_logits = self._contrastive_logits(context, targets, quant.codes.view(batch, time, -1), negatives,
                                                 counts)
         per_frame = torch.logsumexp(frame_logits, dim=-1) - frame_logits[..., 0]  # cross entropy, target 0
-        contrastive = (per_frame * weights).sum()
+        # Selected, not multiplied by the mask: a non-finite unmasked frame (padding) must not reach the loss.
+        contrastive = torch.where(mask_time, per_frame, 0.0).sum()
         masked = num_masked.to(torch.float32)
         diversity_term = cfg.diversity_weight * quant.diversity * masked
         penalty_term = cfg.feature_penalty_weight * feature_penalty * masked

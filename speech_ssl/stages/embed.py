@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from speech_ssl.data.config import DataConfig
+from speech_ssl.precision import precision_field
 from speech_ssl.runtime import RayConfig
 
 
@@ -51,7 +52,7 @@ class Config:
     layers: list[int] = field(default_factory=lambda: [-1])
     pooling: str = field(default="mean", metadata={"choices": ["none", "mean"]})
     dtype: str = field(default="float32", metadata={"choices": ["float32", "float16"]})
-    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "fp16"]})
+    precision: str = precision_field()
     compile: bool = False
     batching: str = field(default="pad", metadata={"choices": ["pad", "exact"]})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda"]})

@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from speech_ssl.asr.decoding import BeamConfig
 from speech_ssl.data.config import DataConfig
+from speech_ssl.precision import precision_field
 from speech_ssl.runtime import RayConfig
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class Config:
     decoder: greedy | beam (settings under beam.*).
     output: JSON file for the scores (the same object is the last line printed).
     hypotheses: JSONL of per-utterance hypotheses (default: <output stem>.hyp.jsonl when output is set).
+    precision: auto (bf16 autocast on GPUs and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16 (GPUs).
     ray_threshold: test sets with more utterances than this are decoded by Ray Data tasks."""
 
     checkpoint: str
@@ -52,6 +54,7 @@ class Config:
     beam: BeamConfig = field(default_factory=BeamConfig)
     output: Optional[str] = None
     hypotheses: Optional[str] = None
+    precision: str = precision_field()
     ray_threshold: int = 2000
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -84,7 +87,8 @@ def run(cfg: Config) -> dict[str, Any]:
     from speech_ssl.errors import SpeechSSLError
     from speech_ssl.runtime import ray_session
 
-    recognizer = Recognizer.load(cfg.checkpoint, cfg.decoder, cfg.beam, fallback_text=cfg.data.text)
+    recognizer = Recognizer.load(cfg.checkpoint, cfg.decoder, cfg.beam, fallback_text=cfg.data.text,
+                                 precision=cfg.precision)
     utterances = read_source(cfg.data.test, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
     unlabeled = [u for u in utterances if u.text is None]
     if unlabeled:

@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 
 from speech_ssl.asr.decoding import BeamConfig
 from speech_ssl.data.config import DataConfig
+from speech_ssl.precision import precision_field
 from speech_ssl.runtime import RayConfig
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Config:
     input: an audio file, a directory, a manifest or a list of paths; several as input=[a.wav,b_dir].
     output: JSONL of transcripts (standard output if null).
     decoder: greedy | beam (settings under beam.*).
+    precision: auto (bf16 autocast on GPUs and on CPUs with native bf16, else fp32) | fp32 | bf16 | fp16 (GPUs).
     ray_threshold: inputs with more files than this are decoded by Ray Data tasks."""
 
     checkpoint: str
@@ -44,6 +46,7 @@ class Config:
     output: Optional[str] = None
     decoder: str = field(default="greedy", metadata={"choices": ["greedy", "beam"]})
     beam: BeamConfig = field(default_factory=BeamConfig)
+    precision: str = precision_field()
     ray_threshold: int = 2000
     data: DataConfig = field(default_factory=DataConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -64,7 +67,8 @@ def run(cfg: Config) -> dict[str, Any]:
     from speech_ssl.runtime import ray_session
     from speech_ssl.stages.evaluate import progress_bar, use_ray_for
 
-    recognizer = Recognizer.load(cfg.checkpoint, cfg.decoder, cfg.beam, fallback_text=cfg.data.text)
+    recognizer = Recognizer.load(cfg.checkpoint, cfg.decoder, cfg.beam, fallback_text=cfg.data.text,
+                                 precision=cfg.precision)
     utterances = read_source(cfg.input, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
     # Transcripts of a manifest are not needed here, and without them long recordings can be segmented.
     unlabeled = utterances.with_rows(dataclasses.replace(u, text=None) for u in utterances)

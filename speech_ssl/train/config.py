@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from speech_ssl.precision import precision_field
+
 
 @dataclass
 class OptimConfig:
@@ -55,7 +57,7 @@ class TrainerConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     placement_strategy: str = field(default="PACK", metadata={"choices": ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]})
-    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "fp16"]})
+    precision: str = precision_field()
     compile: bool = False
     max_updates: int = 1000
     update_freq: int = 1

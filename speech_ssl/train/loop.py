@@ -317,7 +317,7 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
         want_checkpoint = done or (cfg.checkpoint_every and state.updates % cfg.checkpoint_every == 0)
         want_valid = (cfg.validate_every and state.updates % cfg.validate_every == 0) or want_checkpoint
         if want_valid:
-            valid = validate(task, model, ctx, cfg.seed)
+            valid = validate(task, model, ctx, cfg.seed, precision)
             if valid:
                 last_valid = valid
                 if is_main:
@@ -406,8 +406,9 @@ def run_monitor(monitor, model: torch.nn.Module, device: torch.device, updates: 
 
 
 @torch.no_grad()
-def validate(task: Task, model: torch.nn.Module, ctx, seed: int) -> dict[str, float]:
-    """Each worker scores its share of the validation set; sums are all-reduced; ``valid_*`` metrics."""
+def validate(task: Task, model: torch.nn.Module, ctx, seed: int, precision: str = "fp32") -> dict[str, float]:
+    """Each worker scores its share of the validation set, in the training's resolved precision; sums are
+    all-reduced; ``valid_*`` metrics."""
     stream = task.valid_batches(ctx.rank, ctx.world_size, seed)
     if stream is None:
         return {}
@@ -420,7 +421,9 @@ def validate(task: Task, model: torch.nn.Module, ctx, seed: int) -> dict[str, fl
     sums: dict[str, float] = {}
     try:
         for batch in stream.iter_epoch(0):
-            for k, v in task.valid_step(model, batch, ctx.device).items():
+            with autocast(ctx.device, precision):
+                scores = task.valid_step(model, batch, ctx.device)
+            for k, v in scores.items():
                 sums[k] = sums.get(k, 0.0) + v
     finally:
         ckpt.restore_rng(rng)
