@@ -152,6 +152,39 @@ def test_precision_auto_resolves_by_device_and_cpu_features(monkeypatch, caplog)
     assert resolve("fp16", "cuda") == "fp16" and resolve("fp32", "cuda:0") == "fp32"
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("batch_frontend", [True, False], ids=["batched-front-end", "front-end-per-utterance"])
+def test_bf16_embedder_casts_weights_once_and_buckets_shapes_without_changing_results(model, batch_frontend,
+                                                                                       monkeypatch):
+    """In bf16 on a CPU the Embedder keeps its own copy of the encoder with the matmul weights in bf16 (the
+    caller's model stays fp32) and pads GEMM rows and Transformer frames to bucketed lengths; the
+    embeddings are bit for bit those of autocast over the caller's fp32 model without any padding."""
+    import speech_ssl.embed.embedder as embedder_mod
+    import speech_ssl.models.frontend as frontend
+    from speech_ssl.models.fastpath import bucketed_length
+
+    _, m = model
+    embedder = Embedder(m, layers=[1, -1], pooling="none", precision="bf16", batch_frontend=batch_frontend)
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    linears = [mod for mod in embedder.encoder.modules() if isinstance(mod, torch.nn.Linear)]
+    assert linears and all(mod.weight.dtype == torch.bfloat16 for mod in linears)
+    lengths = [21000, 4501, 16173, 2000]
+    front = m.encoder.feature_encoder
+    first = [(n - front.kernels[0]) // front.strides[0] + 1 for n in lengths]  # the first block's rows
+    frames = embedder.output_lengths(torch.tensor(lengths)).tolist()  # the Transformer's frames
+    assert any(bucketed_length(n) != n for n in first) and bucketed_length(max(frames)) != max(frames)
+    batch, lens = padded(waves_of(lengths, seed=12))
+    fast = embedder(batch, lens)
+    embedder.encoder = m.encoder  # the caller's fp32 weights, cast by autocast at every product
+    for module in (frontend, embedder_mod):
+        monkeypatch.setattr(module, "bucketed_length", lambda n, per_octave=16: n)
+    plain = embedder(batch, lens)
+    for b in range(len(lengths)):
+        for layer in embedder.layers:
+            rel = np.linalg.norm(fast[b][layer] - plain[b][layer]) / np.linalg.norm(plain[b][layer])
+            assert rel < 5e-3, (b, layer, rel)  # bf16 vs fp32 is about 2e-2 (test above)
+
+
 def _relative_error_and_cosine(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))

@@ -366,3 +366,44 @@ def test_generic_ops_training_step_runs_with_dropout():
         out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bucketed_lengths_round_up_a_little_and_repeat():
+    from speech_ssl.models.fastpath import bucketed_length
+
+    for n in list(range(1, 300)) + [1000, 3333, 12801, 99999]:
+        b = bucketed_length(n)
+        assert n <= b <= n * (1 + 1 / 16) + 1, (n, b)
+        assert bucketed_length(b) == b
+    assert len({bucketed_length(n) for n in range(1000, 16000)}) <= 16 * 4 + 1  # 16 an octave
+
+
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_bf16_front_end_with_bucketed_rows_is_unchanged(norm, monkeypatch):
+    """Under CPU bf16 autocast the front end pads each GEMM's rows to a bucketed length (a kernel shape
+    oneDNN has compiled before) and cuts them off again: features and gradients are those of the unpadded
+    products, to bf16 rounding (a GEMM of another shape may block its sums differently)."""
+    import speech_ssl.models.frontend as frontend
+    from speech_ssl.models.fastpath import bucketed_length
+
+    torch.manual_seed(14)
+    model = build("tiny", **({} if norm == "layer" else dict(conv_norm="group", conv_bias=False)))
+    encoder = model.encoder.feature_encoder
+    x = 0.3 * torch.randn(2, 16000 + 1234)
+
+    def run():
+        encoder.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16):
+            y = encoder(x)
+        (y.float() ** 2).mean().backward()
+        return y.detach().float(), [p.grad.clone() for p in encoder.parameters()]
+
+    padded_y, padded_grads = run()
+    calls = []
+    monkeypatch.setattr(frontend, "bucketed_length", lambda n: calls.append(n) or n)
+    plain_y, plain_grads = run()
+    assert calls, "the bucketing was not asked for"
+    assert any(bucketed_length(n) != n for n in calls), "no length was padded: the test tests nothing"
+    assert (padded_y - plain_y).abs().max() <= 1e-2 * plain_y.abs().max(), (padded_y - plain_y).abs().max()
+    for a, b in zip(padded_grads, plain_grads):  # bf16 sums over other blockings: rounding, not more
+        assert (a - b).norm() <= 1e-2 * b.norm(), float((a - b).norm() / b.norm())

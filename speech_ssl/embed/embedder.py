@@ -47,6 +47,7 @@ Pure PyTorch (no Ray), so it can be measured on any machine alone; the Ray Data 
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ from torch import Tensor
 
 from speech_ssl.config import ConfigError
 from speech_ssl.models import Wav2Vec2Model, load
+from speech_ssl.models.fastpath import bucketed_length
 from speech_ssl.models.frontend import conv_output_lengths
 from speech_ssl.models.masking import padding_mask_from_lengths
 from speech_ssl.models.wav2vec2 import FeatureOutput
@@ -82,6 +84,24 @@ def encoder_of(model: torch.nn.Module) -> Wav2Vec2Model:
     if isinstance(encoder, Wav2Vec2Model):
         return encoder
     raise TypeError(f"not a wav2vec 2.0 model of speech_ssl: {type(model).__name__}")
+
+
+def matmul_weights_in(encoder: Wav2Vec2Model, dtype: torch.dtype) -> Wav2Vec2Model:
+    """A copy of ``encoder`` whose weights that feed only matrix products (Linear layers, the strided
+    convolutions after the first) are stored in ``dtype``: the arithmetic autocast does, without casting
+    every weight again for every batch (autocast keeps no cast for weights that do not require grad, and
+    forgets its casts when its context closes: one context per batch). The caller's model is left as it is;
+    norms, the positional convolution and the first convolution (whose statistics are taken in float64)
+    keep their parameters."""
+    from speech_ssl.models.frontend import ConvBlock
+
+    encoder = copy.deepcopy(encoder)
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.Linear) or (isinstance(module, ConvBlock) and module.weight.shape[1] > 1):
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(dtype)
+    return encoder
 
 
 def resolve_layers(layers: Sequence[int], num_layers: int) -> list[int]:
@@ -203,6 +223,8 @@ class Embedder:
         encoder = encoder_of(model)
         self.config = encoder.config
         self.encoder = encoder.eval().requires_grad_(False).to(self.device)
+        if self.precision in ("bf16", "fp16"):
+            self.encoder = matmul_weights_in(self.encoder, torch.bfloat16 if self.precision == "bf16" else torch.float16)
         self.layers = resolve_layers(layers, self.config.num_layers)
         self.max_layer = max(self.layers)
         self.pooling = pooling
@@ -276,6 +298,8 @@ class Embedder:
                 row_lengths = [width] * batch if host_lengths is None else host_lengths.tolist()
                 rows = [self._row_features(inputs[b:b + 1, :n]) for b, n in enumerate(row_lengths)]
                 time = max(frames)
+                if self.device.type == "cpu" and self.precision != "fp32":
+                    time = bucketed_length(time)  # a shape oneDNN has compiled before: padding, masked
                 features = rows[0].new_zeros(batch, time, rows[0].shape[-1])
                 for b, row in enumerate(rows):
                     features[b, : row.shape[1]] = row[0]

@@ -4,6 +4,11 @@
   block's conv + norm as one GEMM, norms that keep the activation's dtype (``models.frontend``).
 * ``cpu_kernels``, CPUs only: cheap dropout masks and a hand-written attention backward with dropout
   (``models.dropout``, ``models.transformer``); GPUs have fused kernels for these.
+* ``bucketed_length``, CPUs in bf16 / fp16: oneDNN compiles a kernel for every new shape of a low-precision
+  matrix product (a few milliseconds each, longer than the product itself at our sizes) and keeps the
+  last ones; utterance lengths make nearly every shape new. Lengths rounded up to a few dozen buckets an
+  octave make the shapes repeat (the front end pads the rows it convolves, the embedder the frames it
+  gives the Transformer; the padding is cut off or masked, so the results are the same).
 
 They compute the same functions as the generic torch ops they replace (``F.conv1d``, ``nn.GroupNorm``,
 ``F.dropout``, ``scaled_dot_product_attention``); inside ``with generic_ops():`` the generic ops run
@@ -39,3 +44,17 @@ def generic_ops() -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+def low_precision_cpu(x: Tensor) -> bool:
+    """Whether ``x``'s matrix products run in bf16 / fp16 on a CPU (oneDNN: a kernel per shape)."""
+    return _enabled and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) \
+        and not torch.compiler.is_compiling()
+
+
+def bucketed_length(n: int, per_octave: int = 16) -> int:
+    """``n`` rounded up to one of ``per_octave`` evenly spaced lengths an octave (at most 1/16 more)."""
+    if n <= per_octave:
+        return n
+    step = 1 << max(n.bit_length() - 1 - per_octave.bit_length() + 1, 0)
+    return -(-n // step) * step

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speech_ssl.models.config import ModelConfig
-from speech_ssl.models.fastpath import gemm_kernels
+from speech_ssl.models.fastpath import bucketed_length, cpu_kernels, gemm_kernels, low_precision_cpu
 
 
 class GradScale(torch.autograd.Function):
@@ -178,6 +178,11 @@ def conv1d_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor], stri
         bias = None if bias is None else bias.to(dtype)
         if torch.compiler.is_compiling():
             return im2col_conv(x, weight, bias, stride)
+        frames = (x.shape[1] - weight.shape[0]) // stride + 1
+        padded = bucketed_length(frames) if low_precision_cpu(x) else frames
+        if padded != frames:  # a shape oneDNN has compiled before; the extra frames are cut off
+            x = F.pad(x, (0, 0, 0, (padded - frames) * stride))
+            return StridedConv.apply(x, weight, bias, stride)[:, :frames]
         return StridedConv.apply(x, weight, bias, stride)
 
 
@@ -265,7 +270,8 @@ def normalized_waveform_conv(x: Tensor, block: "ConvBlock") -> Tensor:
         rstd = torch.rsqrt((square - mean * mean).clamp(min=0) + eps)
         scale = (rstd * gamma.double()).to(x.dtype)  # [B, C]
         shift = (beta.double() + (b64 - mean) * rstd * gamma.double()).to(x.dtype)
-        return torch.baddbmm(shift.unsqueeze(1), windows, weight.unsqueeze(0) * scale.unsqueeze(1))
+        return _bucketed_rows(lambda rows: torch.baddbmm(shift.unsqueeze(1), rows, weight.unsqueeze(0) * scale.unsqueeze(1)),
+                              windows)
     # layer norm over the C channels of each frame
     mean_w, mean_b = w64.mean(dim=1), b64.mean()  # [k], []
     gram = w64 @ w64.t() / channels  # [k, k]
@@ -277,7 +283,21 @@ def normalized_waveform_conv(x: Tensor, block: "ConvBlock") -> Tensor:
     columns = torch.cat([windows * rstd.to(x.dtype).unsqueeze(-1), rstd.to(x.dtype).unsqueeze(-1),
                          (-rstd * mean).to(x.dtype).unsqueeze(-1), torch.ones_like(windows[..., :1])], dim=-1)
     rows = torch.cat([weight * gamma, (bias * gamma).unsqueeze(0), gamma.unsqueeze(0), beta.unsqueeze(0)], dim=0)
-    return torch.matmul(columns, rows)
+    return _bucketed_rows(lambda padded: torch.matmul(padded, rows), columns)
+
+
+def _bucketed_rows(gemm, operand: Tensor) -> Tensor:
+    """``gemm(operand)`` for an operand [B, M, K] whose M rows are independent; on CPUs in bf16 / fp16 with
+    M padded to a bucketed length (``fastpath.bucketed_length``: a shape oneDNN has compiled before) and
+    the extra rows cut off again."""
+    dtype = _autocast_dtype(operand)
+    if not (dtype in (torch.bfloat16, torch.float16) and cpu_kernels(operand)):
+        return gemm(operand)
+    frames = operand.shape[1]
+    padded = bucketed_length(frames)
+    if padded == frames:
+        return gemm(operand)
+    return gemm(F.pad(operand, (0, 0, 0, padded - frames)))[:, :frames]
 
 
 class ConvBlock(nn.Module):
