@@ -139,6 +139,35 @@ def test_transformers_pretraining_model(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_contrastive_loss_equals_transformers_given_the_same_distractors(tmp_path, monkeypatch):
+    """The pretraining objective against transformers' Wav2Vec2ForPreTraining on a padded-free batch of
+    two: the same masked frames and the same distractors (transformers' sampler, handed to ours), eval
+    mode (argmax codewords, no dropout): the summed contrastive loss and the masked frame count agree."""
+    import speech_ssl.models.wav2vec2 as w2v
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
+
+    torch.manual_seed(3)
+    hf = transformers.Wav2Vec2ForPreTraining(hf_config("group")).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load(tmp_path / "hf").eval()
+    x = waveform(batch=2, samples=16000, seed=8)
+    frames = int(ours.encoder.output_lengths(torch.tensor([x.shape[1]])))
+    mask = torch.zeros(2, frames, dtype=torch.bool)
+    mask[0, 3:20] = True
+    mask[0, 30:41] = True
+    mask[1, 10:35] = True
+    negatives = _sample_negative_indices((2, frames), hf.config.num_negatives, mask_time_indices=mask.numpy())
+    negatives = torch.as_tensor(negatives, dtype=torch.long)
+    per_utterance = negatives - (torch.arange(2) * frames).view(2, 1, 1)  # ours: frame indices within the row
+    monkeypatch.setattr(w2v, "sample_negatives", lambda mask_time, k: per_utterance)
+    with torch.no_grad():
+        ref = hf(x, mask_time_indices=mask, sampled_negative_indices=negatives)
+        out = ours(x, mask_time=mask)
+    assert out.sample_size == int(mask.sum())
+    assert abs(out.logs["contrastive"] - float(ref.contrastive_loss)) < 1e-4 * float(ref.contrastive_loss)
+
+
+@pytest.mark.timeout(120)
 def test_transformers_base_model_and_our_checkpoint_round_trip(tmp_path):
     torch.manual_seed(3)
     hf = transformers.Wav2Vec2Model(hf_config("layer")).eval()
