@@ -18,7 +18,7 @@ everywhere (the tests check that both paths agree, on the CPU, for every kernel)
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -46,10 +46,10 @@ def generic_ops() -> Iterator[None]:
         _enabled = previous
 
 
-def low_precision_cpu(x: Tensor) -> bool:
-    """Whether ``x``'s matrix products run in bf16 / fp16 on a CPU (oneDNN: a kernel per shape)."""
-    return _enabled and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) \
-        and not torch.compiler.is_compiling()
+def low_precision_cpu(x: Tensor, dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether products of ``x`` run in bf16 / fp16 on a CPU (oneDNN: a kernel per shape); ``dtype``: the
+    dtype they run in when it is not x's own (autocast's)."""
+    return cpu_kernels(x) and (dtype or x.dtype) in (torch.bfloat16, torch.float16)
 
 
 def bucketed_length(n: int, per_octave: int = 16) -> int:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speech_ssl.models.config import ModelConfig
-from speech_ssl.models.fastpath import bucketed_length, cpu_kernels, gemm_kernels, low_precision_cpu
+from speech_ssl.models.fastpath import bucketed_length, gemm_kernels, low_precision_cpu
 
 
 class GradScale(torch.autograd.Function):
@@ -290,8 +290,7 @@ def _bucketed_rows(gemm, operand: Tensor) -> Tensor:
     """``gemm(operand)`` for an operand [B, M, K] whose M rows are independent; on CPUs in bf16 / fp16 with
     M padded to a bucketed length (``fastpath.bucketed_length``: a shape oneDNN has compiled before) and
     the extra rows cut off again."""
-    dtype = _autocast_dtype(operand)
-    if not (dtype in (torch.bfloat16, torch.float16) and cpu_kernels(operand)):
+    if not low_precision_cpu(operand, _autocast_dtype(operand)):
         return gemm(operand)
     frames = operand.shape[1]
     padded = bucketed_length(frames)
