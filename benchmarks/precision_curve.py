@@ -1,7 +1,7 @@
 """Does bf16 training track fp32? The same `tiny` pretraining run twice, ``trainer.precision=fp32`` and
 ``bf16``, from the same seed on the demo corpus, through the real command (Ray Data, the training loop).
 
-    .venv/bin/python benchmarks/precision_curve.py --updates 500 [--batch-seconds 16] [--out benchmarks/results/precision]
+    .venv/bin/python benchmarks/precision_curve.py --updates 500 [--batch-seconds 16] [--out DIR] [key=value ...]
 
 Prints the loss of both runs at every logged update, the largest gap between their smoothed curves
 (relative to the fp32 loss), the final losses and validation accuracies, the wall time of each run, and
@@ -30,7 +30,8 @@ def run(precision: str, args, out: Path) -> tuple[list[dict], float]:
            f"data.train={DEMO / 'unlabeled.jsonl'}", f"data.valid={DEMO / 'dev.jsonl'}",
            f"data.batch_seconds={args.batch_seconds}", f"trainer.max_updates={args.updates}",
            f"trainer.precision={precision}", "trainer.log_every=10", f"trainer.validate_every={args.updates}",
-           f"trainer.checkpoint_every={args.updates}", "trainer.optim.warmup_updates=50", "trainer.seed=1"]
+           f"trainer.checkpoint_every={args.updates}", "trainer.optim.warmup_updates=50", "trainer.seed=1",
+           *args.overrides]
     shutil.rmtree(output_dir, ignore_errors=True)  # an existing run would be resumed
     started = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--batch-seconds", type=float, default=16.0)
     parser.add_argument("--smooth", type=int, default=5, help="logged points per moving average")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "precision"))
+    parser.add_argument("overrides", nargs="*", help="more `speech-ssl pretrain` overrides for both runs (key=value)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
