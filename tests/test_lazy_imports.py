@@ -134,7 +134,6 @@ def test_embedder_and_embed_benchmark_without_decoders():
     assert "transformers" in stdout  # the side-by-side run says why it was skipped
 
 
-@pytest.mark.xfail(reason="speech_ssl/embed/embedder.py imports numpy at module level", strict=False)
 def test_embedder_imports_without_numpy():
     run_without(OPTIONAL + ("numpy",), """
         from speech_ssl.embed import Embedder  # noqa: F401

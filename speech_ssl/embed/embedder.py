@@ -51,9 +51,8 @@ import copy
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -66,8 +65,11 @@ from speech_ssl.models.masking import padding_mask_from_lengths
 from speech_ssl.models.wav2vec2 import FeatureOutput
 from speech_ssl.precision import PRECISIONS, autocast, resolve_precision
 
+if TYPE_CHECKING:  # the arrays come from Tensor.numpy(): importing the embedder needs only torch
+    import numpy as np
+
 POOLINGS = ("none", "mean")
-OUTPUT_DTYPES = {"float32": np.float32, "float16": np.float16}
+OUTPUT_DTYPES = ("float32", "float16")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 __all__ = ["Embedder", "exact_features", "masked_channel_norm", "resolve_layers", "encoder_of", "POOLINGS",
