@@ -11,7 +11,9 @@ so the rules for what a valid configuration is live in one place: the dataclass 
 * ``to_dict(obj)`` turns a dataclass back into plain JSON-ready data (saved beside every output).
 
 A field can carry ``metadata={"choices": [...]}`` (or a zero-argument callable returning them) for
-string fields whose valid values are known at run time, such as model preset names.
+string fields whose valid values are known at run time, such as model preset names, and
+``metadata={"min": 1}`` / ``{"max": ...}`` (inclusive bounds) for numbers: ``trainer.max_updates=-5`` then
+fails where the dataclass is built, before anything runs, with the key and the valid range named.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class ConfigError(ValueError):
         self.problem = problem
         self.choices = list(choices) if choices is not None else None
         super().__init__(self.paragraph())
+
+    def __reduce__(self):  # raised on Ray workers too: pickles with its key, not just its message
+        return (self.__class__, (self.key, self.problem, self.choices))
 
     def paragraph(self) -> str:
         text = f"Configuration error at '{self.key}': {self.problem}"
@@ -169,6 +174,30 @@ def _convert(tp: Any, value: Any, key: str, choices: list[Any] | None = None) ->
     raise TypeError(f"config field {key} has unsupported type {tp!r}")
 
 
+def range_text(field: dataclasses.Field) -> str | None:
+    """The valid range of a numeric field (its ``min`` / ``max`` metadata) in words, or None without one."""
+    low = field.metadata.get("min") if field.metadata else None
+    high = field.metadata.get("max") if field.metadata else None
+    if low is not None and high is not None:
+        return f"from {low} to {high}"
+    if low is not None:
+        return f">= {low}"
+    if high is not None:
+        return f"<= {high}"
+    return None
+
+
+def _check_range(field: dataclasses.Field, value: Any, key: str) -> None:
+    """A number outside the field's ``min``/``max`` metadata is a ConfigError naming the key and the range
+    (the field's own type check has passed; ``None`` means "not set" and is always allowed)."""
+    valid = range_text(field)
+    if valid is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high = field.metadata.get("min"), field.metadata.get("max")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(key, f"{value!r} is out of range; valid values are {valid}.")
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -184,6 +213,7 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
         key = _join(prefix, field.name)
         if field.name in data:
             kwargs[field.name] = _convert(hints[field.name], data.pop(field.name), key, _field_choices(field))
+            _check_range(field, kwargs[field.name], key)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(key, f"a required value is missing; give it as {key}=<value>.")
     if data:

@@ -31,7 +31,9 @@ class Config:
     input: the corpus to cache: a directory, a JSONL or fairseq TSV manifest, or a list of paths (local or URIs).
     output: the cache folder (local, or a URI such as s3://bucket/cache); an unfinished one is resumed.
     model: the preset the cache is for; its front end decides the payload (waveform for conv front ends,
-        log-mel filterbanks for fbank-*), model_overrides (e.g. n_mels) likewise.
+        log-mel filterbanks for fbank-*).
+    model_overrides: ModelConfig fields changed from the preset (e.g. model_overrides.n_mels=64), which
+        shape the payload likewise.
     dtype: auto (int16 PCM for waveform, float16 for fbank) | int16 | float32 (waveform) | float16 | float32
         (fbank). float32 gives batches identical to decoding the originals, at twice the size.
     sample_rate: the model's rate; everything is resampled to it.

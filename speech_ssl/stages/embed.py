@@ -69,5 +69,10 @@ class Config:
 def run(cfg: Config) -> dict:
     """Embed the corpus; returns the summary written to ``<output>/_summary.json``."""
     from speech_ssl.embed.pipeline import embed_corpus
+    from speech_ssl.stages.common import check_input_path, check_output_dir, output_lock
 
-    return embed_corpus(cfg)
+    check_input_path("checkpoint", cfg.checkpoint)  # before Ray starts
+    check_input_path("input", cfg.input)
+    check_output_dir("output", cfg.output)
+    with output_lock(cfg.output, "embed"):  # two embeds into one folder would write the same shards
+        return embed_corpus(cfg)

@@ -86,7 +86,12 @@ def run(cfg: Config) -> dict[str, Any]:
     from speech_ssl.data import read_source
     from speech_ssl.errors import SpeechSSLError
     from speech_ssl.runtime import ray_session
+    from speech_ssl.stages.common import check_input_path, check_output_file
 
+    check_input_path("checkpoint", cfg.checkpoint)  # before the model loads or Ray starts
+    check_input_path("data.test", cfg.data.test)
+    check_output_file("output", cfg.output)
+    check_output_file("hypotheses", cfg.hypotheses)
     recognizer = Recognizer.load(cfg.checkpoint, cfg.decoder, cfg.beam, fallback_text=cfg.data.text,
                                  precision=cfg.precision)
     utterances = read_source(cfg.data.test, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)

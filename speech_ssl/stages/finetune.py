@@ -34,6 +34,19 @@ def _finetune_trainer() -> TrainerConfig:
 
 @dataclass
 class Config:
+    """
+    output_dir: the run's folder: checkpoints (best, last, each with vocab.json), metrics.jsonl,
+        TensorBoard, curves; a run with an output_dir that holds checkpoints resumes from the latest.
+    init: the pretrained model: our checkpoint or run folder, a transformers directory or a fairseq .pt;
+        init=none trains the `model` preset from scratch.
+    data: the labeled manifests and how audio is read and batched (data.text: the transcript normaliser).
+    model: the model preset used with init=none (a checkpoint brings its own architecture).
+    model_overrides: ModelConfig fields changed from the preset or checkpoint (model_overrides.layerdrop=0).
+    ctc: the fine-tuning recipe's model-side behaviour (freezing, masking, dropouts, best-checkpoint metric).
+    trainer: scale, precision, length and bookkeeping of the run.
+    ray: which Ray runs it: an embedded local one, or a cluster (ray.address).
+    """
+
     output_dir: str
     init: str
     data: FinetuneDataConfig
@@ -68,21 +81,27 @@ def run(cfg: Config) -> dict:
     """Fine-tune; resumes when ``output_dir`` already holds checkpoints. Returns the training summary."""
     from speech_ssl.data import TextNormalizer, Vocabulary, read_source
     from speech_ssl.runtime import ray_session
-    from speech_ssl.stages.common import resolve_model_config, save_resolved_config
+    from speech_ssl.stages.common import (check_input_path, check_output_dir, check_rows_resolve, output_lock,
+                                          require_rows, resolve_model_config, save_resolved_config)
     from speech_ssl.train import checkpoint as ckpt
     from speech_ssl.train.launch import run_training, storage_root
     from speech_ssl.train.tasks.ctc import CTCTask
 
+    check_output_dir("output_dir", cfg.output_dir)
+    check_input_path("data.train", cfg.data.train)
+    check_input_path("data.valid", cfg.data.valid)
     if cfg.init == "none":
         resolve_model_config(cfg.model, cfg.model_overrides)  # fail fast on a bad model_overrides key
     elif not Path(cfg.init).exists() and "://" not in cfg.init:
         raise ConfigError("init", f"no checkpoint at '{cfg.init}' (give a checkpoint directory, a transformers "
                                   "model directory, a fairseq .pt file, or none to train from scratch).")
     output_dir = Path(cfg.output_dir).resolve()
-    save_resolved_config(output_dir, "finetune", cfg)
-    # Everything that can be wrong with the transcripts fails here, before Ray or any worker starts.
+    # Everything that can be wrong with the corpora and transcripts fails here, before Ray or any worker starts.
     train = read_source(cfg.data.train, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
     valid = read_source(cfg.data.valid, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
+    for key, spec, rows in (("data.train", cfg.data.train, train), ("data.valid", cfg.data.valid, valid)):
+        check_rows_resolve(key, rows, spec)
+        require_rows(key, rows, spec)
     normalizer = TextNormalizer(cfg.data.text)
     # Per split: one error listing every character the normaliser refuses, then one listing every
     # character outside the vocabulary (validation characters the training transcripts never show).
@@ -101,8 +120,10 @@ def run(cfg: Config) -> dict:
              sum(u.duration for u in train) / 3600, len(vocab), len(valid))
     task = CTCTask(init=cfg.init, model=cfg.model, model_overrides=dict(cfg.model_overrides), data=cfg.data,
                    train=train, valid=valid, vocab=vocab, ctc=cfg.ctc)
-    with ray_session(cfg.ray):
-        summary = run_training(task, cfg.trainer, output_dir)
+    with output_lock(output_dir, "finetune"):
+        save_resolved_config(output_dir, "finetune", cfg)
+        with ray_session(cfg.ray):
+            summary = run_training(task, cfg.trainer, output_dir)
     log.info("fine-tuning done after %d updates: best %s (%s), last %s", summary["updates"], summary["best"],
              ", ".join(f"{k} {v:.4f}" for k, v in summary.get("metrics", {}).items() if k in ("valid_wer", "valid_cer")),
              summary["last"])

@@ -24,6 +24,7 @@ class Config:
     """
     input: a directory, a JSONL or fairseq TSV manifest, or a list of paths.
     output: the JSONL manifest to write (paths relative to its folder where possible).
+    extensions: audio file suffixes picked up when a directory or a list is scanned.
     quarantine: the quarantine report (default: <output>.quarantine.jsonl beside the output).
     decode: decode every file fully (finds NaN/inf samples and damaged compressed streams; slower).
     ray_threshold: inputs with more files than this are probed by Ray Data tasks, fewer by threads here.
@@ -60,6 +61,10 @@ def run(cfg: Config) -> None:
     from speech_ssl.errors import SpeechSSLError
     from speech_ssl.runtime import ray_session
 
+    from speech_ssl.stages.common import check_input_path, check_output_file
+
+    check_input_path("input", cfg.input)
+    check_output_file("output", cfg.output)
     extensions = [e if e.startswith(".") else "." + e for e in cfg.extensions]
     rows = list_source(cfg.input, extensions, tsv_sample_rate=cfg.tsv_sample_rate)
     unique_ids(rows)

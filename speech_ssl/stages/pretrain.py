@@ -31,7 +31,11 @@ class PretrainProbeConfig(ProbeSettings):
     """A linear probe of the model while it trains (off by default): every `every_updates` updates (and at the
     end) rank 0 probes the current model on `train` (`valid`, or none: a held-out part of train) and logs
     probe_accuracy (task=speaker) or probe_cer (task=ctc) to metrics.jsonl, TensorBoard and the curves.
-    Keep it small: max_utterances caps each split (decoded once, then cached on the worker)."""
+    Keep it small: max_utterances caps each split (decoded once, then cached on the worker).
+
+    every_updates: probe every this many updates and at the end (0: no probe).
+    train: the probe's manifest (JSONL with `speaker`, or `text` for task=ctc).
+    valid: a held-out manifest, or none: hold out valid_fraction of train."""
 
     every_updates: int = 0
     train: Optional[str] = None
@@ -42,6 +46,17 @@ class PretrainProbeConfig(ProbeSettings):
 
 @dataclass
 class Config:
+    """
+    output_dir: the run's folder: checkpoints (best, last), metrics.jsonl, TensorBoard, curves; a run
+        with an output_dir that holds checkpoints resumes from the latest.
+    data: the audio to pretrain on and how it is read and batched.
+    model: the model preset (see the list of presets above).
+    model_overrides: ModelConfig fields changed from the preset (model_overrides.num_layers=2, ...).
+    trainer: scale, precision, length and bookkeeping of the run.
+    probe: an optional linear probe of the model while it trains (probe.every_updates=N).
+    ray: which Ray runs it: an embedded local one, or a cluster (ray.address).
+    """
+
     output_dir: str
     data: PretrainDataConfig
     model: str = model_field("tiny")
@@ -80,29 +95,52 @@ def build_monitor(cfg: Config):
                         cfg.probe.every_updates)
 
 
-def run(cfg: Config) -> dict:
-    """Pretrain; resumes when ``output_dir`` already holds checkpoints. Returns the training summary."""
+def read_corpora(cfg: Config):
+    """The training and validation rows, checked on the driver before Ray starts: every path named exists,
+    the rows' files resolve, something is usable, and decoded-audio caches fit the model preset."""
     from speech_ssl.data import read_source
+    from speech_ssl.stages.common import (check_caches_fit, check_input_path, check_rows_resolve,
+                                          require_rows, resolve_model_config)
+
+    model_config = resolve_model_config(cfg.model, cfg.model_overrides)  # a bad model_overrides key fails here
+    check_input_path("data.train", cfg.data.train)
+    check_input_path("data.valid", cfg.data.valid)
+    corpora = {}
+    for key, spec in (("data.train", cfg.data.train), ("data.valid", cfg.data.valid)):
+        if not spec:
+            corpora[key] = None
+            continue
+        rows = read_source(spec, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
+        check_rows_resolve(key, rows, spec)
+        require_rows(key, rows, spec)
+        check_caches_fit(key, rows, model_config, cfg.data.sample_rate)
+        corpora[key] = rows
+    return corpora["data.train"], corpora["data.valid"]
+
+
+def run(cfg: Config) -> dict:
+    """Pretrain; resumes when ``output_dir`` already holds checkpoints. Returns the training summary.
+
+    Everything that can be checked is checked before Ray starts and before anything is written."""
     from speech_ssl.runtime import ray_session
-    from speech_ssl.stages.common import resolve_model_config, save_resolved_config
+    from speech_ssl.stages.common import check_output_dir, output_lock, save_resolved_config
     from speech_ssl.train.launch import run_training
     from speech_ssl.train.tasks.pretrain import PretrainTask
 
-    resolve_model_config(cfg.model, cfg.model_overrides)  # fail fast on a bad model_overrides key
+    check_output_dir("output_dir", cfg.output_dir)
     output_dir = Path(cfg.output_dir).resolve()
+    train, valid = read_corpora(cfg)
     monitor = build_monitor(cfg)
-    save_resolved_config(output_dir, "pretrain", cfg)
-    with ray_session(cfg.ray):
-        train = read_source(cfg.data.train, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
-        valid = (read_source(cfg.data.valid, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
-                 if cfg.data.valid else None)
+    with output_lock(output_dir, "pretrain"):
+        save_resolved_config(output_dir, "pretrain", cfg)
         log.info("pretraining %s on %d utterances (%.2f h)%s", cfg.model, len(train),
                  sum(u.duration for u in train) / 3600,
                  f", validating on {len(valid)}" if valid else "")
-        task = PretrainTask(model=cfg.model, model_overrides=dict(cfg.model_overrides), data=cfg.data,
-                            train=train, valid=valid, warmup_updates=cfg.trainer.optim.warmup_updates,
-                            monitor=monitor)
-        summary = run_training(task, cfg.trainer, output_dir)
+        with ray_session(cfg.ray):
+            task = PretrainTask(model=cfg.model, model_overrides=dict(cfg.model_overrides), data=cfg.data,
+                                train=train, valid=valid, warmup_updates=cfg.trainer.optim.warmup_updates,
+                                monitor=monitor)
+            summary = run_training(task, cfg.trainer, output_dir)
     log.info("pretraining done after %d updates: last %s, best %s", summary["updates"], summary["last"],
              summary["best"])
     return summary

@@ -108,6 +108,9 @@ def run(cfg: Config) -> dict[str, Any]:
     from speech_ssl.pipeline import render_markdown, run_pipeline
     from speech_ssl.runtime import dashboard_url, ray_session
 
+    from speech_ssl.stages.common import check_output_dir
+
+    check_output_dir("output_dir", cfg.output_dir)
     definition = pipelines.load(cfg.pipeline)
     stages = definition.stages(cfg)  # every configuration error surfaces here, before Ray starts
     log.info("pipeline %s: %s -> %s", cfg.pipeline, " -> ".join(s.name for s in stages), cfg.output_dir)

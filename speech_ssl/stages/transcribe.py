@@ -65,8 +65,11 @@ def run(cfg: Config) -> dict[str, Any]:
     from speech_ssl.asr.recognizer import Recognizer
     from speech_ssl.data import read_source
     from speech_ssl.runtime import ray_session
+    from speech_ssl.stages.common import check_input_path, check_output_file
     from speech_ssl.stages.evaluate import progress_bar, use_ray_for
 
+    check_input_path("checkpoint", cfg.checkpoint)  # before the model loads or Ray starts
+    check_output_file("output", cfg.output)
     recognizer = Recognizer.load(cfg.checkpoint, cfg.decoder, cfg.beam, fallback_text=cfg.data.text,
                                  precision=cfg.precision)
     utterances = read_source(cfg.input, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)

@@ -4,6 +4,11 @@ The driver resolves everything that should happen once (reading the corpus, buil
 into the task object, then ships it to the workers. Checkpoints live under the storage root:
 ``<output_dir>`` itself by default, or ``<trainer.storage_path>/<output_dir name>`` (e.g. S3) on
 clusters. After the run, ``<output_dir>/last`` and ``<output_dir>/best`` are checkpoint directories.
+
+While training runs, SIGINT and SIGTERM stop it politely (speech_ssl.train.control): every worker stops
+after the same update, rank 0 writes a checkpoint, and ``run_training`` raises ``Interrupted`` (exit code
+130 / 143) naming the checkpoint a re-run resumes from; a second signal stops at once. A worker's
+SpeechSSLError (bad data, bad config) ends the run without Ray Train's restarts and reaches the user as is.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from speech_ssl.data.config import DataConfig
-from speech_ssl.errors import SpeechSSLError
+from speech_ssl.errors import SpeechSSLError, signal_name
 from speech_ssl.train import checkpoint as ckpt
 from speech_ssl.train.config import TrainerConfig
 from speech_ssl.train.context import LocalContext, RayTrainContext
@@ -52,8 +57,12 @@ def _worker_main(config: dict[str, Any]) -> None:
     threads = config.get("threads")
     if threads:
         torch.set_num_threads(threads)
+    from speech_ssl.train.control import StopWatch, user_errors_told_by_driver
+
     ctx = RayTrainContext(config["storage_root"])
-    summary = train(config["task"], cfg, ctx, Path(config["output_dir"]))
+    watch = StopWatch(config.get("stop_flag"))
+    with user_errors_told_by_driver():
+        summary = train(config["task"], cfg, ctx, Path(config["output_dir"]), stop_requested=watch.requested)
     if ctx.rank == 0:  # what only the workers know (resumes, nodes), for the driver's summary
         (Path(config["output_dir"]) / ".worker_summary.json").write_text(json.dumps(summary, default=str))
 
@@ -63,27 +72,47 @@ def _threads_per_worker(cfg: TrainerConfig) -> int:
     return max(1, int(cfg.cpus_per_worker))
 
 
+def resume_point(root: str) -> str:
+    """Where a re-run of the same command starts, in words (the newest complete checkpoint, if any)."""
+    latest = ckpt.latest_complete(root)
+    if latest is None:
+        return "no checkpoint was written yet, so the same command starts from the beginning"
+    return f"the same command resumes from {latest} (update {ckpt.updates_of(latest)})"
+
+
 def run_training(task: Task, cfg: TrainerConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Train ``task`` as ``cfg`` says, resuming from ``output_dir`` if it holds checkpoints."""
+    """Train ``task`` as ``cfg`` says, resuming from ``output_dir`` if it holds checkpoints.
+
+    Raises ``Interrupted`` after a stop by SIGINT / SIGTERM (see the module doc)."""
+    from speech_ssl.train.control import stop_on_signals
+
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     root = storage_root(output_dir, cfg)
-    if cfg.num_workers == 0:
-        # In this process, beside Ray Data's decode tasks: as many threads as the worker would hold, not
-        # torch's default of every core (oversubscribed, a step is several times slower).
-        import torch
-
-        previous = torch.get_num_threads()
-        torch.set_num_threads(_threads_per_worker(cfg))
-        try:
-            summary = train(task, cfg, LocalContext(root), output_dir)
-        finally:
-            torch.set_num_threads(previous)
-    else:
-        summary = _fit_on_ray(task, cfg, output_dir, root)
+    with stop_on_signals(lambda: resume_point(root)) as stop:
+        if cfg.num_workers == 0:
+            summary = _train_here(task, cfg, output_dir, root, stop.requested)
+        else:
+            summary = _fit_on_ray(task, cfg, output_dir, root, stop)
+    if stop.signum is not None:
+        _finalise_pointers(output_dir, root, {})
+        raise stop.interrupted(f"stopped by {signal_name(stop.signum)}; {resume_point(root)}")
     _finalise_pointers(output_dir, root, summary)
     (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _train_here(task: Task, cfg: TrainerConfig, output_dir: Path, root: str, stop_requested) -> dict[str, Any]:
+    """The loop in this process, beside Ray Data's decode tasks: as many threads as the worker would hold,
+    not torch's default of every core (oversubscribed, a step is several times slower)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(_threads_per_worker(cfg))
+    try:
+        return train(task, cfg, LocalContext(root), output_dir, stop_requested=stop_requested)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _plan_resources(task: Task, cfg: TrainerConfig) -> tuple[TrainerConfig, ResourcePlan]:
@@ -99,20 +128,23 @@ def _plan_resources(task: Task, cfg: TrainerConfig) -> tuple[TrainerConfig, Reso
     return dataclasses.replace(cfg, cpus_per_worker=plan.cpus_per_worker), plan
 
 
-def _fit_on_ray(task: Task, cfg: TrainerConfig, output_dir: Path, root: str) -> dict[str, Any]:
+def _fit_on_ray(task: Task, cfg: TrainerConfig, output_dir: Path, root: str, stop) -> dict[str, Any]:
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    from speech_ssl.train.control import ControlledTorchTrainer, start_stop_flag, user_error
 
     cfg, plan = _plan_resources(task, cfg)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
     storage_path = cfg.storage_path or str(output_dir.parent)
-    trainer = TorchTrainer(
+    trainer = ControlledTorchTrainer(
         _worker_main,
+        stop=stop,
         train_loop_config={"task": task, "trainer": cfg, "storage_root": root, "output_dir": str(output_dir),
-                           "threads": _threads_per_worker(cfg)},
+                           "threads": _threads_per_worker(cfg), "stop_flag": start_stop_flag(stop)},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
                                      placement_strategy=cfg.placement_strategy),
@@ -129,10 +161,12 @@ def _fit_on_ray(task: Task, cfg: TrainerConfig, output_dir: Path, root: str) -> 
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        cause = err.__cause__ or err
-        if isinstance(cause, SpeechSSLError):
+        cause = user_error(err)  # bad data or config: not retried (speech_ssl.train.control), told as is
+        if cause is not None:
             raise cause from None
-        raise SpeechSSLError(f"training failed after {cfg.max_failures} automatic restarts: {cause}") from err
+        raise SpeechSSLError(f"training failed after {cfg.max_failures} automatic restarts: {err}") from err
+    if stop.signum is not None:
+        return {}
     summary = _summary_from_storage(root)
     summary["ray_result_path"] = str(result.path)
     summary["resources"] = plan.to_dict()  # what the workers actually held

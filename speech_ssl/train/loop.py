@@ -8,6 +8,8 @@
          skip the update on every worker alike if anything is non-finite
          clip, step, schedule, tell the task the new update count (temperature, freezing)
          log / validate / probe / checkpoint on their intervals
+         stop after this update if any worker was asked to (the request rides on the statistics
+         all-reduce, so every rank stops after the same update); rank 0 then writes a checkpoint
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -134,8 +136,18 @@ def _all_reduce(values: list[float], device: torch.device, distributed: bool) ->
     return t.tolist()
 
 
-def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, Any]:
-    """Run (or resume) training; returns a summary (updates, last/best checkpoint paths, metrics)."""
+def _agree_to_stop(stop_requested: Optional[Callable[[], bool]], device: torch.device, distributed: bool) -> bool:
+    """Whether any worker has been asked to stop (every rank gets the same answer: it is all-reduced)."""
+    vote = 1.0 if stop_requested is not None and stop_requested() else 0.0
+    return _all_reduce([vote], device, distributed)[0] > 0
+
+
+def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path,
+          stop_requested: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary (updates, last/best checkpoint paths, metrics).
+
+    ``stop_requested`` (never blocking) is asked once per update (speech_ssl.train.control): when any worker
+    says yes, every worker stops after that update, with a checkpoint of it; the summary says ``stopped``."""
     output_dir = Path(output_dir)
     is_main = ctx.rank == 0
     distributed = ctx.distributed and ctx.world_size > 1
@@ -203,7 +215,8 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
     probe_every = int(getattr(probe_monitor, "every_updates", 0) or 0)  # no monitor: 0, off
 
     model.train()
-    while state.updates < cfg.max_updates:
+    stopped = _agree_to_stop(stop_requested, device, distributed)  # asked before the first update
+    while state.updates < cfg.max_updates and not stopped:
         # ---- one update: update_freq micro-batches -----------------------------------------------
         sample_size, loss_total, audio, nonfinite_loss = 0.0, 0.0, 0.0, 0.0
         sums: dict[str, float] = {}
@@ -244,11 +257,13 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
         # ---- reduce statistics across workers; normalise gradients ---------------------------------
         t2 = time.monotonic()
         sum_keys, mean_keys = sorted(sums), sorted(means)
+        stop_vote = 1.0 if stop_requested is not None and stop_requested() else 0.0
         reduced = _all_reduce([sample_size, loss_total, nonfinite_loss, *[sums[k] for k in sum_keys],
-                               *[means[k] for k in mean_keys]], device, distributed)
+                               *[means[k] for k in mean_keys], stop_vote], device, distributed)
         total_size, total_loss, any_nonfinite = reduced[0], reduced[1], reduced[2] > 0
         reduced_sums = dict(zip(sum_keys, reduced[3:3 + len(sum_keys)]))
-        reduced_means = {k: v / ctx.world_size for k, v in zip(mean_keys, reduced[3 + len(sum_keys):])}
+        reduced_means = {k: v / ctx.world_size for k, v in zip(mean_keys, reduced[3 + len(sum_keys):-1])}
+        stop_after_update = reduced[-1] > 0
         window.sync += time.monotonic() - t2
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -329,6 +344,13 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
         if want_checkpoint:
             last_saved = save(task, model, optimizer, scheduler, scaler, state, position, ctx, output_dir,
                               cfg, last_valid, logger)
+        if stop_after_update:
+            if not want_checkpoint:  # the update just made is kept: a re-run resumes exactly here
+                last_saved = save(task, model, optimizer, scheduler, scaler, state, position, ctx, output_dir,
+                                  cfg, last_valid, logger, judge_best=False)
+            stopped = True
+            if is_main:
+                log.info("stopping after update %d, as asked", state.updates)
 
     batches.close()
     _report_ingest(task, ctx, output_dir)
@@ -336,7 +358,7 @@ def train(task: Task, cfg: TrainerConfig, ctx, output_dir: Path) -> dict[str, An
         logger.close()
     return {"updates": state.updates, "last": last_saved, "best": state.best_name, "metrics": state.metrics,
             "valid": last_valid, "probe": last_probe, "nonfinite_skipped": state.nonfinite_skipped, "resumes": state.resumes,
-            "worker_nodes": _worker_nodes(ctx)}
+            "worker_nodes": _worker_nodes(ctx), "stopped": stopped}
 
 
 def _worker_nodes(ctx) -> list[str]:
@@ -434,10 +456,14 @@ def validate(task: Task, model: torch.nn.Module, ctx, seed: int, precision: str 
 
 
 def save(task: Task, model, optimizer, scheduler, scaler, state: TrainingState, position: dict[str, int], ctx,
-         output_dir: Path, cfg: TrainerConfig, valid: dict[str, float], logger: Optional[MetricsLogger]) -> str:
-    """Write a checkpoint (every worker its part), keep the last K plus the best, point last/best at them."""
+         output_dir: Path, cfg: TrainerConfig, valid: dict[str, float], logger: Optional[MetricsLogger],
+         judge_best: bool = True) -> str:
+    """Write a checkpoint (every worker its part), keep the last K plus the best, point last/best at them.
+
+    ``judge_best=False`` (a checkpoint written because the run was asked to stop, not validated) leaves the
+    best checkpoint as it was: ``valid`` then scores an older model."""
     name = ckpt.checkpoint_name(state.updates)
-    score = valid.get(task.best_metric)
+    score = valid.get(task.best_metric) if judge_best else None
     if score is None:
         if not valid:  # no validation set: the best checkpoint is the last one
             state.best_name = name
