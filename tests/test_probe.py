@@ -49,11 +49,22 @@ def test_speaker_probe_beats_chance_on_separable_voices(corpora, tmp_path, capsy
     assert result["speakers"] == 4 and result["valid_held_out"]
     assert result["chance_accuracy"] == pytest.approx(0.25)
     assert result["accuracy"] >= 0.9, result
-    assert result["layer"] == 4  # -1: the last of fbank-tiny's 4 layers
+    # The default reads every hidden state of fbank-tiny (input + 4 layers) through learned weights.
+    assert result["layer"] == "all" and result["layers"] == [0, 1, 2, 3, 4]
+    assert len(result["layer_weights"]) == 5 and sum(result["layer_weights"]) == pytest.approx(1.0)
     assert json.loads(out.read_text())["accuracy"] == result["accuracy"]
+    assert out.with_suffix(".png").stat().st_size > 0  # the layer weights, plotted
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-2].startswith("speaker probe (layer 4): valid accuracy")
+    assert lines[-2].startswith("speaker probe (all layers, heaviest ")
     assert json.loads(lines[-1])["accuracy"] == result["accuracy"]
+
+
+def test_last_layer_probe_stays_an_option(corpora, tmp_path):
+    out = tmp_path / "last.json"
+    result = _probe(corpora, train=str(corpora["voices"]), layer=-1, output=str(out))
+    assert result["layer"] == 4 and result["layers"] == [4]  # -1: the last of fbank-tiny's 4 layers
+    assert result["layer_weights"] == [1.0]
+    assert not out.with_suffix(".png").exists()  # one fixed layer: nothing to plot
 
 
 def test_speaker_probe_is_at_chance_when_labels_are_random(corpora):
@@ -115,8 +126,10 @@ def _strip(manifest: Path, out: Path, key: str, value=None) -> Path:
     ("no_speaker", "'train': 48 of 48 rows have no 'speaker' field"),
     ("one_speaker", "'train': all 48 rows have one speaker"),
     ("ctc_no_text", "'train': 48 of 48 rows have no 'text' field"),
-    ("bad_task", "Valid choices: speaker, ctc"),
+    ("bad_task", "Valid choices: speaker, ctc, classify"),
     ("bad_layer", "'layer': layer 9 does not exist"),
+    ("word_layer", "'layer': 'first' is not a layer: give 'all' or an integer"),
+    ("classify_no_label", "'train': 48 of 48 rows have no 'label' field"),
     ("missing_checkpoint", "'checkpoint': no checkpoint at"),
     ("missing_train", "'train': a required value is missing"),
 ])
@@ -133,6 +146,10 @@ def test_bad_probe_configs_exit_2_naming_the_key(corpora, tmp_path, capsys, case
         args["task"] = "speakr"
     elif case == "bad_layer":
         args["layer"] = "9"
+    elif case == "word_layer":
+        args["layer"] = "first"
+    elif case == "classify_no_label":
+        args["task"] = "classify"
     elif case == "missing_checkpoint":
         args["checkpoint"] = str(tmp_path / "nothing")
     elif case == "missing_train":
@@ -174,6 +191,7 @@ def test_pretraining_logs_probe_accuracy_and_is_not_disturbed_by_it(corpora, tmp
     assert [r["update"] for r in probes] == [2, 4]
     for r in probes:
         assert 0.0 <= r["probe_accuracy"] <= 1.0 and r["probe_chance_accuracy"] == pytest.approx(0.25)
+        assert sum(r[f"probe_layer_weight_{i}"] for i in range(5)) == pytest.approx(1.0)  # all-layer by default
     assert probes[-1]["probe_accuracy"] >= 0.75  # separable voices stay separable
     assert probed["probe"]["probe_accuracy"] == probes[-1]["probe_accuracy"]
     assert not any(r["split"] == "probe" for r in
@@ -198,3 +216,61 @@ def test_pretrain_probe_config_errors_name_the_key(corpora, tmp_path):
     assert info.value.key == "probe.train" and "'speaker'" in info.value.problem
     cfg.probe.every_updates = 0
     assert pretrain.build_monitor(cfg) is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layer mix and few-shot classification
+# ---------------------------------------------------------------------------------------------------
+
+def test_layer_mix_learns_to_weigh_the_layer_that_knows():
+    """Four layers of [n, 16] features; only layer 2 carries the class (the others are louder noise): the
+    learned weights put layer 2 first and the probe classifies the held-out rows."""
+    from speech_ssl.probe import fit_classifier
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (240,), generator=g)
+    centres = torch.randn(3, 16, generator=g) * 1.5
+    x = torch.randn(240, 4, 16, generator=g) * 3.0
+    x[:, 2] = centres[labels] + 0.5 * torch.randn(240, 16, generator=g)
+    fit = fit_classifier(x[:180], labels[:180], x[180:], labels[180:], 3, epochs=200, batch_size=0, lr=1e-2,
+                         weight_decay=0.01, seed=0)
+    weights = fit["layer_weights"]
+    assert max(range(4), key=weights.__getitem__) == 2 and weights[2] > 0.4, weights
+    assert fit["valid_accuracy"] >= 0.9, fit
+
+
+def test_few_shot_draws_take_k_of_every_class_and_repeat_by_seed():
+    from speech_ssl.probe import few_shot_draw
+
+    labels = [str(i % 4) for i in range(40)] + ["rare"]
+    picked = few_shot_draw(labels, 3, seed=1)
+    counts = {c: sum(labels[i] == c for i in picked) for c in set(labels)}
+    assert counts == {"0": 3, "1": 3, "2": 3, "3": 3, "rare": 1}  # a class with fewer gives all it has
+    assert few_shot_draw(labels, 3, seed=1) == picked and few_shot_draw(labels, 3, seed=2) != picked
+
+
+def test_classify_probe_reports_every_arm_on_the_same_draws(corpora, tmp_path, capsys):
+    rows = [json.loads(line) for line in Path(corpora["voices"]).read_text().splitlines()]
+    speakers = sorted({r["speaker"] for r in rows})
+    for row in rows:
+        row["label"] = speakers.index(row.pop("speaker"))
+        row["path"] = str(Path(corpora["voices"]).parent / row["path"])
+    manifest = write_manifest(tmp_path / "labelled.jsonl", rows)
+    out = tmp_path / "classify.json"
+    args = dict(task="classify", train=str(manifest), shots=[1, 4], draws=2, epochs=60, output=str(out))
+    result = _probe(corpora, **args)
+    assert result["classes"] == ["0", "1", "2", "3"] and result["shots"] == [1, 4] and result["valid_held_out"]
+    assert set(result["arms"]) == {"model", "random_init", "fbank"}
+    for arm in result["arms"].values():
+        for shots in ("1", "4"):
+            spread = arm[shots]
+            assert len(spread["accuracies"]) == 2 and all(0.0 <= a <= 1.0 for a in spread["accuracies"])
+            assert spread["mean"] == pytest.approx(sum(spread["accuracies"]) / 2)
+    # The synthetic voices differ in pitch and timbre: four examples each separate them from filterbanks alone.
+    assert result["arms"]["fbank"]["4"]["mean"] >= 0.9, result["arms"]["fbank"]
+    assert len(result["layer_weights"]["4"]) == 5
+    assert out.with_suffix(".png").stat().st_size > 0
+    line = capsys.readouterr().out.strip().splitlines()[-2]
+    assert line.startswith("classify probe (label, 4 classes, all layers, 2 draws): valid accuracy k=1 ")
+    again = _probe(corpora, **{**args, "output": str(tmp_path / "again.json")})
+    assert again["arms"] == result["arms"]  # deterministic given the seed

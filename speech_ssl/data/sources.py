@@ -27,7 +27,7 @@ import json
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 from speech_ssl.data.audio import is_uri, probe_header, split_uri, within_timeout
@@ -48,6 +48,7 @@ class Utterance:
     source_path: the path as the user gave it (manifest entry, list line, scanned file).
     duration: seconds (of the segment when ``end`` is set).
     start / end: a segment [start, end) seconds of a longer recording (end None: to the end of the file).
+    columns: a JSONL manifest's other columns as strings (e.g. ``label`` for ``speech-ssl probe task=classify``).
     """
 
     id: str
@@ -59,6 +60,7 @@ class Utterance:
     start: float = 0.0
     end: Optional[float] = None
     cache_row: Optional[int] = None  # a row of a decoded-audio cache: ``path`` is its shard (data.cache)
+    columns: dict[str, str] = field(default_factory=dict)
 
 
 class UtteranceList(list):
@@ -197,6 +199,9 @@ def _opt_float(value, where: str, key: str) -> Optional[float]:
         raise SpeechSSLError(f"{where}: '{key}' must be a number of seconds, got {value!r}") from None
 
 
+_MANIFEST_KEYS = ("path", "id", "duration", "start", "end", "text", "speaker")
+
+
 def _from_jsonl(manifest: str, extensions: Sequence[str]) -> list[Utterance]:
     base = _dirname(manifest)
     rows = []
@@ -218,10 +223,12 @@ def _from_jsonl(manifest: str, extensions: Sequence[str]) -> list[Utterance]:
             duration = end - start
         text = item.get("text")
         speaker = item.get("speaker")
+        columns = {str(k): str(v) for k, v in item.items() if k not in _MANIFEST_KEYS and v is not None}
         rows.append(Utterance(id=str(item.get("id") or _strip_extension(rel, extensions)), path=_join(base, rel),
                               source_path=rel, duration=duration,  # type: ignore[arg-type]
                               text=None if text is None else str(text),
-                              speaker=None if speaker is None else str(speaker), start=start, end=end))
+                              speaker=None if speaker is None else str(speaker), start=start, end=end,
+                              columns=columns))
     return rows
 
 

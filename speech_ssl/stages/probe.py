@@ -1,14 +1,18 @@
-"""``speech-ssl probe``: linear probes on frozen features (speaker identity, CTC characters).
+"""``speech-ssl probe``: linear probes on frozen features (speaker identity, CTC characters, few-shot classes).
 
-The standard diagnostic of representation quality: features of one layer of a checkpoint (ours, a
-transformers directory or a fairseq .pt file; a training run's output_dir means its best checkpoint) are
-computed once, in eval mode without gradients, and a linear layer is trained on them with AdamW for a fixed
-number of epochs (deterministic given ``seed``). ``task=speaker``: mean-pooled utterance features -> softmax
-over the speakers of ``train`` (the manifest's ``speaker`` field); reports train/valid accuracy and the chance
-level. ``task=ctc``: frame features -> CTC over the characters of ``train``'s transcripts; reports the
-validation CER/WER of greedy decoding. ``valid=none`` holds out ``valid_fraction`` of ``train`` (per speaker).
+The standard diagnostic of representation quality: features of a checkpoint (ours, a transformers directory or
+a fairseq .pt file; a training run's output_dir means its best checkpoint) are computed once, in eval mode
+without gradients, and a linear layer is trained on them with AdamW for a fixed number of epochs
+(deterministic given ``seed``). ``layer=all`` (the default, SUPERB's protocol) feeds it a learned
+softmax-weighted sum of every hidden state and reports the weights; ``layer=<i>`` one layer.
+``task=speaker``: mean-pooled utterance features -> softmax over the speakers of ``train`` (the manifest's
+``speaker`` field); reports train/valid accuracy and the chance level. ``task=ctc``: frame features -> CTC over
+the characters of ``train``'s transcripts; reports the validation CER/WER of greedy decoding.
+``task=classify``: a manifest column (``label_key``) from k labeled examples per class (``shots``), ``draws``
+random draws each, against the random-initial model and mean log-mel filterbanks on the same draws; reports
+mean and sd. ``valid=none`` holds out ``valid_fraction`` of ``train`` (per speaker, or per class).
 Runs in this process (no Ray): probes are for small corpora. The last line printed is the results JSON,
-also written to ``output``.
+also written to ``output`` (with a plot beside it, ``<output>.png``, for all-layer and classify probes).
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ def _probe_data() -> DataConfig:
 @dataclass(kw_only=True)
 class Config(ProbeSettings):
     """checkpoint: ours, a transformers directory, a fairseq .pt file, or a training run's output_dir (its best).
-    train / valid: manifests (JSONL with `speaker`, or `text` for task=ctc); valid=none holds out
-        valid_fraction of train.
-    output: JSON file for the results (the same object is the last line printed).
+    train / valid: manifests (JSONL with `speaker`, `text` for task=ctc, or the label_key column for
+        task=classify); valid=none holds out valid_fraction of train.
+    output: JSON file for the results (the same object is the last line printed); a plot beside it
+        (<output without .json>.png) for all-layer and classify probes.
     device: auto (a GPU when there is one) | cpu | cuda.
-    task / layer / valid_fraction / max_utterances / epochs / batch_size / lr / weight_decay / seed: see below.
+    task / layer / label_key / shots / draws / baselines / valid_fraction / max_utterances / epochs /
+        batch_size / lr / weight_decay / seed: see below.
     data: how audio is read and batched (data.text: the transcript normaliser of the ctc probe)."""
 
     checkpoint: str
@@ -84,7 +90,7 @@ def run(cfg: Config) -> dict[str, Any]:
     splits = prepare_splits(cfg, train, valid)
     path = resolve_checkpoint(cfg.checkpoint)
     model = load(path)
-    log.info("%s probe of %s (layer %d) on %d train / %d valid utterances%s", cfg.task, path, cfg.layer,
+    log.info("%s probe of %s (layer %s) on %d train / %d valid utterances%s", cfg.task, path, cfg.layer,
              len(splits.train), len(splits.valid), " (held out of train)" if splits.held_out else "")
     from speech_ssl.config import to_dict
 
@@ -96,6 +102,11 @@ def run(cfg: Config) -> dict[str, Any]:
         with open(cfg.output, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
             f.write("\n")
+        from speech_ssl.probe.plots import plot_probe
+
+        plot = plot_probe(results, Path(cfg.output).with_suffix(".png"))
+        if plot is not None:
+            log.info("plot: %s", plot)
     print(summary_line(results))
     print(json.dumps(results), flush=True)
     return results
