@@ -1,6 +1,5 @@
 """Speech recognition pieces without training: WER/CER against jiwer, greedy and lexicon beam-search
-decoding (with a KenLM model), and the export round trip through transformers (same logits, same
-processor)."""
+decoding (with a KenLM model). The export round trip through transformers is in test_export.py."""
 
 from __future__ import annotations
 
@@ -12,14 +11,12 @@ import jiwer
 import pytest
 import torch
 
-from audio_factory import toy_utterance, write_arpa
+from audio_factory import write_arpa
 from speech_ssl.asr.decoding import BeamConfig, BeamSearchDecoder, GreedyDecoder, build_decoder, greedy_decode, write_lexicon
 from speech_ssl.asr.scoring import error_counts, rates, utterance_errors
 from speech_ssl.data import TextConfig, Vocabulary
-from speech_ssl.data.audio import normalize_waveform
 from speech_ssl.errors import SpeechSSLError
 from speech_ssl.models import build, build_ctc, save_model
-from speech_ssl.stages import export
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -141,10 +138,6 @@ def test_beam_search_without_a_lexicon_is_a_clear_error(tmp_path):
         write_lexicon(["XYZ"], tmp_path / "l.txt", VOCAB.tokens)  # no word is spellable
 
 
-# ---------------------------------------------------------------------------------------------------
-# export to transformers
-
-
 def _ctc_checkpoint(tmp_path):
     vocab = Vocabulary.build(["ABC DEF GH"])
     torch.manual_seed(0)
@@ -154,69 +147,6 @@ def _ctc_checkpoint(tmp_path):
     (ckpt / "text_config.json").write_text(json.dumps(dataclasses.asdict(TextConfig())))
     (ckpt / "lexicon_words.json").write_text(json.dumps(["ABC", "DEF"]))
     return model, vocab, ckpt
-
-
-def test_export_round_trip_through_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    model, vocab, ckpt = _ctc_checkpoint(tmp_path)
-    out = tmp_path / "hf"
-    summary = export.run(export.Config(checkpoint=str(ckpt), output=str(out)))
-    assert summary["architecture"] == "Wav2Vec2ForCTC" and summary["vocab_size"] == len(vocab)
-    # our normaliser and lexicon travel along, so evaluate/transcribe accept the export
-    assert (out / "text_config.json").is_file() and (out / "lexicon_words.json").is_file()
-
-    hf = transformers.Wav2Vec2ForCTC.from_pretrained(str(out)).eval()
-    processor = transformers.Wav2Vec2Processor.from_pretrained(str(out))
-    waves = [toy_utterance("ABC DEF", seed=1), toy_utterance("GH", seed=2)]
-    features = processor(waves, sampling_rate=16000, return_tensors="pt", padding=True)
-    lengths = torch.tensor([len(w) for w in waves])
-    # ours: the data pipeline's per-utterance normalisation, zero padding, lengths
-    inputs = torch.zeros(2, int(lengths.max()))
-    for k, w in enumerate(waves):
-        inputs[k, : len(w)] = torch.from_numpy(normalize_waveform(w))
-    with torch.no_grad():
-        ours = model(inputs, lengths)
-        theirs = hf(features.input_values, attention_mask=features.attention_mask).logits
-    assert theirs.shape == ours.logits.shape
-    for k in range(2):
-        valid = int(ours.lengths[k])
-        torch.testing.assert_close(theirs[k, :valid], ours.logits[k, :valid], atol=1e-4, rtol=0)
-    # transformers' tokenizer reads the same transcript out of the same logits. (An untrained model also
-    # emits <s>/</s>, which transformers prints and we drop after collapsing repeats.)
-    ids = theirs.argmax(-1)
-    hf_text = processor.batch_decode(ids)
-    for special in ("<s>", "</s>", "<unk>"):
-        hf_text = [t.replace(special, "") for t in hf_text]
-    ours_text = GreedyDecoder(vocab)(ours.logits, ours.lengths)
-    assert " ".join(hf_text[0].split()) == ours_text[0] and ours_text[0]
-
-
-def test_export_of_a_pretraining_checkpoint(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    model = build("tiny").eval()
-    save_model(model, tmp_path / "pre")
-    summary = export.run(export.Config(checkpoint=str(tmp_path / "pre"), output=str(tmp_path / "hf")))
-    assert summary["architecture"] == "Wav2Vec2ForPreTraining" and summary["vocab_size"] is None
-    wave = torch.from_numpy(normalize_waveform(toy_utterance("ABC", seed=3)))[None]
-    encoder = transformers.Wav2Vec2Model.from_pretrained(str(tmp_path / "hf")).eval()
-    pretraining = transformers.Wav2Vec2ForPreTraining.from_pretrained(str(tmp_path / "hf")).eval()
-    with torch.no_grad():
-        ours = model.encoder(wave).last_hidden_state
-        torch.testing.assert_close(encoder(wave).last_hidden_state, ours, atol=1e-4, rtol=0)
-        torch.testing.assert_close(pretraining.wav2vec2(wave).last_hidden_state, ours, atol=1e-4, rtol=0)
-        # the quantizer came along too: same codevectors
-        torch.testing.assert_close(pretraining.quantizer.codevectors, model.quantizer.codebook.reshape(
-            pretraining.quantizer.codevectors.shape), atol=0, rtol=0)
-
-
-def test_export_refusals_are_clear(tmp_path):
-    torch.manual_seed(0)
-    save_model(build("fbank-tiny"), tmp_path / "fbank")
-    with pytest.raises(SpeechSSLError, match="filterbank"):
-        export.run(export.Config(checkpoint=str(tmp_path / "fbank"), output=str(tmp_path / "out")))
-    with pytest.raises(SpeechSSLError, match="no checkpoint"):
-        export.run(export.Config(checkpoint=str(tmp_path / "missing"), output=str(tmp_path / "out")))
 
 
 def test_a_pretraining_checkpoint_is_no_recogniser(tmp_path):

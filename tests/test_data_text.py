@@ -55,6 +55,17 @@ def test_greedy_ctc_decoding_collapses_repeats_and_blanks():
     assert vocab.decode_ctc([0, a, a, 0, a, b, b, 4, 4, b, 0]) == "AAB B"
 
 
+def test_decoding_spells_tokens_as_transformers_does():
+    """<unk>/<s>/</s> frames are written out (they separate repeats), boundaries at the ends are stripped,
+    two boundaries with a blank between them stay two spaces: Wav2Vec2CTCTokenizer's rules."""
+    vocab = Vocabulary.build(["AB"])
+    a, b, unk, bos, eos, word = (vocab.index[t] for t in ("A", "B", "<unk>", "<s>", "</s>", "|"))
+    assert vocab.decode_ctc([a, unk, unk, a]) == "A<unk>A"
+    assert vocab.decode_ctc([word, a, word, 0, word, b, word]) == "A  B"
+    assert vocab.decode_ctc([bos, a, eos]) == "<s>A</s>"
+    assert vocab.decode_ctc([0, 0]) == ""
+
+
 def test_unknown_characters_are_an_error_listing_them_or_dropped():
     vocab = Vocabulary.build(["ABC"])
     with pytest.raises(SpeechSSLError) as info:

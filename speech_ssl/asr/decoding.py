@@ -34,8 +34,8 @@ class BeamConfig:
         the best one.
     lexicon: a lexicon file (``word<TAB>c h a r s |`` a line), or null to build one from the checkpoint's
         training transcripts (``lexicon_words.json``).
-    kenlm: optional KenLM model (binary or ARPA); lm_weight applies only with it. word_score: a bonus
-        (or penalty, negative) added per emitted word.
+    kenlm: optional KenLM model (binary or ARPA). lm_weight: the language model's weight (only with kenlm).
+    word_score: a bonus (or penalty, negative) added per emitted word.
     """
 
     beam_size: int = 50
@@ -59,7 +59,8 @@ def greedy_decode(logits: torch.Tensor, lengths: Optional[torch.Tensor] = None, 
 
 
 class GreedyDecoder:
-    """Best path, then the vocabulary's spelling (``|`` -> space, special tokens dropped)."""
+    """Best path, then the vocabulary's spelling (``Vocabulary.decode``: ``|`` -> space, ``<unk>`` and the other
+    special tokens written out), exactly as an exported transformers processor decodes the same logits."""
 
     def __init__(self, vocab):
         self.vocab = vocab

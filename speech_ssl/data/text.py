@@ -202,18 +202,17 @@ class Vocabulary:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``: special tokens skipped, ``|`` becomes a space (no CTC collapsing)."""
-        out = []
-        for i in ids:
-            token = self.tokens[int(i)]
-            if token == WORD:
-                out.append(" ")
-            elif token not in (PAD, BOS, EOS, UNK):
-                out.append(token)
-        return " ".join("".join(out).split())
+        """Text of ``ids`` (no CTC collapsing), spelled by transformers' Wav2Vec2CTCTokenizer rules so that an
+        exported processor reads the same text out of the same logits: blanks (``<pad>``) dropped, ``|``
+        becomes a space, every other token written as it is (``<unk>``, ``<s>``, ``</s>`` included: an
+        untrained or confused model does emit them), the ends stripped. Two word boundaries with a blank
+        between them stay two spaces, as in transformers."""
+        tokens = (self.tokens[int(i)] for i in ids)
+        return "".join(" " if token == WORD else token for token in tokens if token != PAD).strip()
 
     def decode_ctc(self, ids: Iterable[int]) -> str:
-        """Greedy CTC: collapse repeats, drop blanks, then :meth:`decode`."""
+        """Greedy CTC: collapse repeats, drop blanks, then :meth:`decode` (transformers' ``batch_decode`` of
+        the argmax ids gives the same text)."""
         collapsed = []
         previous = None
         for i in ids:

@@ -53,8 +53,25 @@ def load_file(path: str) -> dict[str, torch.Tensor]:
     return _safetensors().load_file(path)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS tells (Linux); else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: Optional[dict[str, str]] = None) -> None:
+    """safetensors' save_file, with the permissions of any other file we write: safetensors creates its
+    files 0600, which hides checkpoints and exports from the rest of a group or a serving user."""
     _safetensors().save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def _architecture(model: nn.Module) -> str:
@@ -213,7 +230,10 @@ def export_hf(model: nn.Module, directory: Union[str, Path], vocab: Optional[dic
         specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
         tokenizer = {"tokenizer_class": "Wav2Vec2CTCTokenizer", "processor_class": "Wav2Vec2Processor",
                      **specials, "word_delimiter_token": word_delimiter, "replace_word_delimiter_char": " ",
-                     "do_lower_case": False, "target_lang": None}
+                     "do_lower_case": False, "target_lang": None,
+                     # transformers' English clean-up would glue " 's" and " ' " to the previous word; our
+                     # greedy decoder spells the tokens as they are (speech_ssl.data.text.Vocabulary.decode).
+                     "clean_up_tokenization_spaces": False}
         (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer, indent=2) + "\n")
         (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
     (directory / "preprocessor_config.json").write_text(json.dumps(feature_extractor, indent=2) + "\n")

@@ -5,7 +5,8 @@ torchaudio shares and fairseq maps onto by renaming. Each foreign layout is rena
 hub is mapped onto our modules (where q, k and v are one fused projection). Export goes the other way.
 
 * ``from_hf_state_dict`` / ``to_hf_state_dict``: full models (Wav2Vec2Model / ForPreTraining / ForCTC).
-* ``config_from_hf`` / ``config_to_hf``: configuration dicts (``config.json``).
+* ``config_from_hf`` / ``config_to_hf``: configuration dicts (``config.json``); ``hf_export_problem``:
+  why a model cannot be exported to transformers (asked before writing anything).
 * ``fairseq_to_hf_keys`` + ``config_from_fairseq``: fairseq checkpoints (pretraining and CTC).
 * ``torchaudio_to_hf_keys`` / ``hf_to_torchaudio_keys`` + ``config_from_torchaudio``.
 """
@@ -254,10 +255,20 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return make_config(base)
 
 
-def config_to_hf(cfg: ModelConfig, architecture: str, vocab_size: Optional[int] = None) -> dict[str, Any]:
+def hf_export_problem(cfg: ModelConfig) -> Optional[str]:
+    """Why a model with ``cfg`` has no transformers ``Wav2Vec2`` equivalent, or None when it has one.
+
+    Asked before anything is written, so a refused export leaves no output behind."""
     if cfg.frontend != "conv":
-        raise SpeechSSLError("transformers' Wav2Vec2 has no filterbank front end: a model with frontend="
-                             f"{cfg.frontend!r} cannot be exported to the transformers layout")
+        return (f"transformers' Wav2Vec2 has no filterbank front end: a model with frontend={cfg.frontend!r} "
+                "(the fbank-* presets) cannot be exported to the transformers layout")
+    return None
+
+
+def config_to_hf(cfg: ModelConfig, architecture: str, vocab_size: Optional[int] = None) -> dict[str, Any]:
+    problem = hf_export_problem(cfg)
+    if problem is not None:
+        raise SpeechSSLError(problem)
     hf = {
         "model_type": "wav2vec2",
         "architectures": [architecture],

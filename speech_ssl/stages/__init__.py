@@ -31,7 +31,7 @@ COMMANDS: dict[str, Command] = {
         Command("evaluate", "speech_ssl.stages.evaluate", "WER/CER of a CTC checkpoint on a labeled manifest"),
         Command("transcribe", "speech_ssl.stages.transcribe", "transcripts for new audio with a CTC checkpoint"),
         Command("embed", "speech_ssl.stages.embed", "batch-embed a corpus into Parquet shards with Ray Data"),
-        Command("export", "speech_ssl.stages.export", "export a checkpoint to the transformers layout"),
+        Command("export", "speech_ssl.stages.export", "export a checkpoint (transformers layout for conv models, or ours)"),
         Command("probe", "speech_ssl.stages.probe", "linear probes (speaker, CTC characters) on frozen features"),
         Command("run", "speech_ssl.stages.run", "run a chained pipeline locally (pipelines/)"),
         Command("submit", "speech_ssl.stages.submit", "submit a pipeline to a Ray cluster as a Ray job"),
