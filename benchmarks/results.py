@@ -12,10 +12,14 @@ For each corpus under ../shared/data (see its README):
     ``dev`` and ``test``;
   - speechocean762: pretrain on the audio of ``train`` and ``unlabeled`` (transcripts dropped); labeled
     budgets: a deterministic 30-minute subset of ``train`` (written beside the runs) and all of ``train``;
-    evaluate on ``dev`` (also the fine-tuning validation set: there is no other labeled split);
+    ``dev`` split by speaker into a selection half (picks checkpoints) and a report half (the tables);
 * fine-tune the pretrained model on each budget, and train the same architecture from scratch
   (``finetune init=none``) with the same budget and recipe (`conf/finetune/recipe/cpu_tiny`);
-* evaluate CER and WER (greedy decoding) of every fine-tuned model;
+* evaluate CER and WER (greedy decoding) of every fine-tuned model; the headline budget of each corpus
+  (tts-harvard 10 min, speechocean762 30 min) with every seed of ``--seeds`` (default 1 2 3), the others
+  with the first;
+* probe the frozen pretrained model on a task unlike its data: spoken digits (``../shared/data/fsdd``),
+  k = 1, 5, 20 examples per digit, against random initial weights and filterbanks on the same draws;
 * write ``<out>/RESULTS.md`` (tables, commands to reproduce, hardware, wall times) and PNG plots under
   ``<out>/results/`` (pretraining curves, probe accuracy against updates, CER against labeled minutes).
 
@@ -26,7 +30,7 @@ finished arms (``train_summary.json`` at the target update count, evaluation JSO
 interrupted multi-hour run continues where it stopped.
 
     .venv/bin/python benchmarks/results.py                          # both corpora, 60 min pretraining each
-    .venv/bin/python benchmarks/results.py --corpora tts-harvard --pretrain-minutes 30 --seeds 1 2
+    .venv/bin/python benchmarks/results.py --corpora tts-harvard --pretrain-minutes 30 --seeds 1 2 3
     .venv/bin/python benchmarks/results.py --smoke                  # minutes: tiny budgets, a few utterances
 """
 
@@ -51,7 +55,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 CORPORA = ("tts-harvard", "speechocean762")
-TARGETS = {"tts-harvard": ("test", "10min", 0.6), "speechocean762": ("dev", "30min", 0.8)}
+# corpus -> (reported split, headline label budget, pretrained / scratch CER bound on the mean of the seeds)
+TARGETS = {"tts-harvard": ("test", "10min", 0.8), "speechocean762": ("dev_report", "30min", 0.75)}
+HEADLINE = {corpus: budget for corpus, (_, budget, _) in TARGETS.items()}
+FSDD = "fsdd"  # the downstream task unlike the pretraining data: spoken digits, 8 kHz
 
 log = logging.getLogger("results")
 
@@ -100,6 +107,15 @@ def duration_subset(rows: list[dict], seconds: float, seed: int) -> list[dict]:
     return [rows[i] for i in sorted(picked)]
 
 
+def speaker_halves(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    """(selection, report): the speakers split in two halves (sorted, seeded shuffle), so that the split that
+    picks checkpoints shares no speaker with the split that is reported."""
+    speakers = sorted({r["speaker"] for r in rows})
+    random.Random(seed).shuffle(speakers)
+    chosen = set(speakers[: len(speakers) // 2])
+    return [r for r in rows if r["speaker"] in chosen], [r for r in rows if r["speaker"] not in chosen]
+
+
 def speaker_subset(rows: list[dict], speakers: int, per_speaker: int, seed: int) -> list[dict]:
     """``per_speaker`` utterances of each of ``speakers`` speakers (seeded): the speaker probe's manifest."""
     groups: dict[str, list[dict]] = {}
@@ -146,14 +162,18 @@ def build_corpus(name: str, data: Path, work: Path, smoke: bool) -> Corpus:
         train = load("train")
         unlabeled = [*train, *load("unlabeled")]
         budgets = {"30min": duration_subset(train, 1800, seed=0), "all": train}
-        evals = {"dev": load("dev")}
-        finetune_valid = evals["dev"]
+        select, report = speaker_halves(load("dev"), seed=0)
+        evals = {"dev_report": report}
+        finetune_valid = select
         probe_source, probe_shape = train, (60, 5)
         # At this corpus's error rates dev WER is 0.98-1.0 for every checkpoint (800-update runs, last stop):
         # picking the best by WER picked noise, e.g. a scratch model's update 133. CER separates them.
         finetune_overrides.append("ctc.select_by=valid_cer")
-        notes.append("dev is also the fine-tuning validation set (best checkpoint by dev CER): the only labeled "
-                     "held-out split of speechocean762.")
+        notes.append(f"dev, the only labeled held-out split, is split by speaker (`speaker_halves`, seed 0): the "
+                     f"selection half ({len({r['speaker'] for r in select})} speakers, {minutes(select):.0f} min) "
+                     f"picks each run's best checkpoint (by CER), the report half "
+                     f"({len({r['speaker'] for r in report})} speakers, {minutes(report):.0f} min) is what the "
+                     "tables show.")
     else:
         raise SystemExit(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)}")
     pretrain_valid = duration_subset(finetune_valid, 300, seed=1)  # ~5 min of held-out audio
@@ -319,20 +339,33 @@ def run_corpus(runner: Runner, corpus: Corpus, args, seeds: list[int]) -> dict:
     # features with the smallest label budget, on the random initial model and after pretraining.
     probe_ctc = {}
     ctc_train = next(iter(corpus.budgets.values()))
+    ctc_valid = corpus.eval_sets[TARGETS[corpus.name][0]]
     for tag, ckpt in (("init", init_ckpt), ("final", pt_dir / "last")):
         out = work / f"probe_ctc_{tag}.json"
         extra = ["data.text.unknown=drop", "epochs=4"] if smoke else []
         runner.run(f"{corpus.name}/probe_ctc_{tag}", "probe",
-                   [f"checkpoint={ckpt}", "task=ctc", f"train={ctc_train}", f"valid={corpus.finetune_valid}",
+                   [f"checkpoint={ckpt}", "task=ctc", f"train={ctc_train}", f"valid={ctc_valid}",
                     "max_utterances=300", f"output={out}", *extra], done=out.exists())
         probe_ctc[tag] = json.loads(out.read_text())
+
+    # Spoken digits from frozen features: this model against random initial weights and filterbanks, the
+    # same draws for all three (speech-ssl probe task=classify).
+    digits = None
+    if args.fsdd is not None:
+        out = work / "probe_fsdd.json"
+        extra = ["shots=[1,2]", "draws=2", "max_utterances=200", "epochs=50"] if smoke else []
+        runner.run(f"{corpus.name}/probe_fsdd", "probe",
+                   [f"checkpoint={pt_dir / 'last'}", "task=classify", f"train={args.fsdd / 'train.jsonl'}",
+                    f"valid={args.fsdd / 'test.jsonl'}", f"output={out}", *extra], done=out.exists())
+        digits = json.loads(out.read_text())
 
     ft_updates = args.finetune_updates[corpus.name]
     ft_interval = max(1, ft_updates // (2 if smoke else 6))
     arms = []
     for budget, manifest in corpus.budgets.items():
         for init_name, init in (("pretrained", str(pt_dir / "best")), ("scratch", "none")):
-            for seed in seeds:
+            # Every seed at the headline budget (the figure the targets are about), the first elsewhere.
+            for seed in (seeds if budget == HEADLINE[corpus.name] else seeds[:1]):
                 name = f"{budget}_{init_name}_s{seed}"
                 ft_dir = work / "finetune" / name
                 ft = [*model, f"init={init}", f"data.train={manifest}", f"data.valid={corpus.finetune_valid}",
@@ -356,7 +389,7 @@ def run_corpus(runner: Runner, corpus: Corpus, args, seeds: list[int]) -> dict:
                              "updates": json.loads((ft_dir / "train_summary.json").read_text())["updates"]})
     return {"corpus": corpus.name, "calibration": calib, "pretrain_dir": str(pt_dir), "arms": arms,
             "probe_init": json.loads(probe_init.read_text()), "probe_final": json.loads(probe_final.read_text()),
-            "probe_ctc": probe_ctc, "ctc_probe_budget": next(iter(corpus.budgets)),
+            "probe_ctc": probe_ctc, "ctc_probe_budget": next(iter(corpus.budgets)), "probe_fsdd": digits,
             "pretrain_summary": json.loads((pt_dir / "train_summary.json").read_text()), "notes": corpus.notes,
             "budget_minutes": corpus.budget_minutes, "eval_sets": list(corpus.eval_sets)}
 
@@ -550,14 +583,18 @@ def write_report(results: list[dict], runner: Runner, args, out: Path, started: 
         lines += [header, "|" + "---|" * (4 + 2 * len(splits))]
         for budget in r["budget_minutes"]:
             means: dict[str, dict[str, dict[str, float]]] = {}
+            spread: dict[str, dict[str, str]] = {}
             for init in ("pretrained", "scratch"):
                 arms = [a for a in r["arms"] if a["budget"] == budget and a["init"] == init]
                 means[init] = {s: {k: statistics.mean(a["scores"][s][k] for a in arms) for k in ("cer", "wer")}
                                for s in splits} if arms else {}
+                spread[init] = {s: (f" ± {100 * statistics.stdev(a['scores'][s]['cer'] for a in arms):.1f} "
+                                    f"(n={len(arms)})" if len(arms) > 1 else "") for s in splits}
             for init in ("pretrained", "scratch"):
                 if not means[init]:
                     continue
-                cells = " | ".join(f"{_pct(means[init][s]['cer'])} | {_pct(means[init][s]['wer'])}" for s in splits)
+                cells = " | ".join(f"{_pct(means[init][s]['cer'])}{spread[init][s]} | {_pct(means[init][s]['wer'])}"
+                                   for s in splits)
                 ratio = ""
                 if init == "pretrained" and means["scratch"]:
                     ratio = " / ".join(f"{means['pretrained'][s]['cer'] / max(means['scratch'][s]['cer'], 1e-9):.2f} ({s})"
@@ -565,7 +602,13 @@ def write_report(results: list[dict], runner: Runner, args, out: Path, started: 
                 lines.append(f"| {budget} | {r['budget_minutes'][budget]:.1f} | {init} | {cells} | {ratio} |")
         lines.append("")
         if len(seeds) > 1:
-            lines += [f"(means over seeds {', '.join(map(str, seeds))}; per-seed values in the JSON below)", ""]
+            lines += [f"(CER: mean ± sample sd over seeds {', '.join(map(str, seeds))} at the headline budget "
+                      f"{HEADLINE[r['corpus']]}, the first seed elsewhere; per-seed values below)", ""]
+            for a in r["arms"]:
+                if a["budget"] == HEADLINE[r["corpus"]]:
+                    lines.append(f"- {a['budget']} {a['init']} seed {a['seed']}: " + ", ".join(
+                        f"CER {s} {_pct(a['scores'][s]['cer'])} %" for s in splits))
+            lines.append("")
     # ---- targets -----------------------------------------------------------------------------------
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for r in results:
@@ -574,9 +617,28 @@ def write_report(results: list[dict], runner: Runner, args, out: Path, started: 
         pre, scr = table.get((budget, "pretrained")), table.get((budget, "scratch"))
         if pre and scr:
             ratio = statistics.mean(pre) / max(statistics.mean(scr), 1e-9)
-            lines.append(f"| {r['corpus']} {split}, {budget} labels: pretrained CER <= {bound} x scratch | "
-                         f"{_pct(statistics.mean(pre))} % vs {_pct(statistics.mean(scr))} % = {ratio:.2f} x | "
-                         f"{'yes' if ratio <= bound else 'no'} |")
+            lines.append(f"| {r['corpus']} {split}, {budget} labels: pretrained CER <= {bound} x scratch "
+                         f"(mean of {len(pre)} seeds) | {_pct(statistics.mean(pre))} % vs "
+                         f"{_pct(statistics.mean(scr))} % = {ratio:.2f} x | {'yes' if ratio <= bound else 'no'} |")
+            if r["corpus"] == "speechocean762":
+                lines.append(f"| {r['corpus']} {split}, {budget}: every pretrained seed below every scratch seed | "
+                             f"worst pretrained {_pct(max(pre))} %, best scratch {_pct(min(scr))} % | "
+                             f"{'yes' if max(pre) < min(scr) else 'no'} |")
+        init_acc, final_acc = r["probe_init"]["accuracy"], r["probe_final"]["accuracy"]
+        lines.append(f"| {r['corpus']}: all-layer speaker probe, pretrained >= random initial model | "
+                     f"{final_acc:.3f} vs {init_acc:.3f} | {'yes' if final_acc >= init_acc else 'no'} |")
+        digits = r.get("probe_fsdd")
+        if digits:
+            arms = digits["arms"]
+            above = all(arms["model"][str(k)]["mean"] > max(arms["random_init"][str(k)]["mean"],
+                                                            arms["fbank"][str(k)]["mean"]) for k in digits["shots"])
+            lines.append(f"| fsdd from {r['corpus']} features: above both baselines at k = "
+                         f"{', '.join(map(str, digits['shots']))} (mean of {digits['draws']} draws) | see below | "
+                         f"{'yes' if above else 'no'} |")
+            if "5" in arms["model"]:
+                gain = arms["model"]["5"]["mean"] - arms["random_init"]["5"]["mean"]
+                lines.append(f"| fsdd from {r['corpus']} features, k = 5: >= 10 points above random init | "
+                             f"{100 * gain:+.1f} points | {'yes' if gain >= 0.10 else 'no'} |")
         records = [x for x in metrics_records(Path(r["pretrain_dir"])) if x.get("split") == "train"
                    and isinstance(x.get("code_perplexity"), (int, float))]
         if records:
@@ -592,8 +654,21 @@ def write_report(results: list[dict], runner: Runner, args, out: Path, started: 
                      f"perplexity {m.get('code_perplexity', float('nan')):.1f}; validation loss "
                      f"{v.get('valid_loss', float('nan')):.3f}, accuracy {v.get('valid_accuracy', float('nan')):.3f}. "
                      f"Curves: ![{r['corpus']}]({rel(plots[r['corpus']])})")
+    lines += ["", "## Downstream: spoken digits (fsdd), frozen features", "",
+              "`speech-ssl probe task=classify` on `../shared/data/fsdd` (real speakers, 8 kHz resampled to 16 kHz, "
+              "digits 0-9; train: recordings 5-49, test: 0-4 of the same 5 speakers): mean-pooled features of every "
+              "hidden state mixed by learned weights, a linear head trained on k examples per digit, several random "
+              "draws of those examples; the same draws for this model, the same architecture with random initial "
+              "weights, and mean 80-bin log-mel filterbanks. Test accuracy, mean ± sd over the draws.", "",
+              "| pretrained on | k | this model | random init | filterbanks |", "|---|---|---|---|---|"]
+    for r in results:
+        digits = r.get("probe_fsdd")
+        for k in (digits or {}).get("shots", []):
+            cell = lambda arm: f"{digits['arms'][arm][str(k)]['mean']:.3f} ± {digits['arms'][arm][str(k)]['sd']:.3f}"  # noqa: E731
+            lines.append(f"| {r['corpus']} | {k} | {cell('model')} | {cell('random_init')} | {cell('fbank')} |")
     lines += ["", "## Linear speaker probe during pretraining", "",
-              "Mean-pooled last-layer features, a linear softmax classifier (`speech-ssl probe`, 100 full-batch AdamW "
+              "Mean-pooled features of every hidden state mixed by learned softmax weights (SUPERB's protocol, "
+              "`layer=all`), a linear softmax classifier (`speech-ssl probe`, 100 full-batch AdamW "
               "epochs) trained on most of each speaker's utterances and scored on one held-out utterance per speaker "
               "(`valid_fraction=0.2`); update 0 is the initial (random) model, the others come from the pretraining "
               "run's own monitor (`probe.every_updates`). Probe sets: tts-harvard, 7 utterances of each of the 42 "
@@ -606,9 +681,9 @@ def write_report(results: list[dict], runner: Runner, args, out: Path, started: 
         lines.append(f"| {r['corpus']} | {r['probe_init']['speakers']} | {r['probe_init']['chance_accuracy']:.3f} | "
                      f"{pts} |")
     lines += ["", "## Linear CTC character probe", "",
-              "Frame-level last-layer features of the frozen model -> one linear layer trained with CTC on the "
+              "Frame-level features of the frozen model (every hidden state, learned layer weights) -> one linear layer trained with CTC on the "
               "smallest label budget (`speech-ssl probe task=ctc`, 40 epochs, AdamW), greedy-decoded on up to 300 "
-              "utterances of the fine-tuning validation set: how much of the characters the representation makes "
+              "utterances of the reported split: how much of the characters the representation makes "
               "linearly readable, before any fine-tuning.", "",
               "| corpus | labels | CER random init % | CER pretrained % | WER random init % | WER pretrained % |",
               "|---|---|---|---|---|---|"]
@@ -634,7 +709,7 @@ def write_report(results: list[dict], runner: Runner, args, out: Path, started: 
             # paths relative to the repository root, where the commands are meant to run
             lines.append(f"# {arm}\n{cmd.replace(str(ROOT) + os.sep, '')}")
     lines += ["```", "", "## Raw results", "", "<details><summary>JSON</summary>", "", "```json",
-              json.dumps([{k: v for k, v in r.items() if k not in ("probe_init", "probe_final", "probe_ctc")}
+              json.dumps([{k: v for k, v in r.items() if k not in ("probe_init", "probe_final", "probe_ctc", "probe_fsdd")}
                           for r in results],
                          indent=1, default=str)[:60000], "```", "</details>", ""]
     path = out / "RESULTS.md"
@@ -668,7 +743,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--finetune-updates", nargs="+", default=None, metavar="[CORPUS=]N",
                         help="fine-tuning updates of every arm, for all corpora (N) or one (CORPUS=N); "
                              "default 1500 (smoke 4)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3],
+                        help="fine-tuning seeds of the headline budget (other budgets run the first)")
+    parser.add_argument("--fsdd", type=Path, default=DATA / FSDD,
+                        help="the spoken-digit corpus of the downstream probe (skipped when absent)")
     parser.add_argument("--model", default="fbank-tiny")
     parser.add_argument("--anneal-fraction", type=float, default=0.7,
                         help="the Gumbel temperature reaches its floor after this fraction of the pretraining "
@@ -698,6 +776,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"results.py: no corpus {', '.join(missing)} under {args.data} (see ../shared/data/README.md)",
               file=sys.stderr)
         return 2
+    if args.fsdd is not None and not (args.fsdd / "train.jsonl").exists():
+        log.warning("no fsdd corpus at %s: the downstream digit probe is skipped", args.fsdd)
+        args.fsdd = None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from speech_ssl.runtime import RayConfig, ray_session
 
