@@ -293,6 +293,50 @@ def temperature_override(model: str, updates: int, anneal_fraction: Optional[flo
     return [f"model_overrides.temperature_decay={decay:.8f}"]
 
 
+def arm_suffix(lr: Optional[float], updates: int, default_updates: int) -> str:
+    """The run folder's suffix for a scratch recipe other than the shared one (none for the shared one)."""
+    return (f"_lr{lr:g}" if lr is not None else "") + (f"_u{updates}" if updates != default_updates else "")
+
+
+def best_select_cer(ft_dir: Path) -> float:
+    """The lowest CER on the selection split that the run's validations saw (what picks its best checkpoint)."""
+    values = [r["valid_cer"] for r in metrics_records(ft_dir) if r.get("split") == "valid" and "valid_cer" in r]
+    return min(values) if values else math.inf
+
+
+def sweep_scratch(corpus: Corpus, args, seed: int, ft_updates: int, finetune_arm) -> dict:
+    """The scratch arm's own learning rate and length, chosen on the selection split at the headline budget.
+
+    A model trained from scratch sits on the CTC blank plateau far longer than a pretrained one: with the
+    pretrained arm's recipe the comparison is against a model that has not started. Each multiple of the
+    recipe's learning rate trains once (first seed, recipe length); the best also trains twice as long; the
+    lowest selection CER wins and every scratch arm of the corpus uses it. The sweep is reported."""
+    from speech_ssl.cli.hydra_app import compose_config
+
+    base_lr = float(compose_config("finetune", ["recipe=cpu_tiny"]).trainer.optim.lr)
+    budget = HEADLINE[corpus.name]
+    manifest = corpus.budgets[budget]
+    sweep = []
+
+    def trial(lr: float, updates: int) -> None:
+        shared = lr == base_lr and updates == ft_updates  # the recipe itself: the regular seed-1 arm
+        name = f"{budget}_scratch_s{seed}" + ("" if shared else arm_suffix(lr, updates, ft_updates))
+        ft_dir = finetune_arm(name, "none", manifest, seed, updates, None if shared else lr)
+        sweep.append({"lr": lr, "updates": updates, "select_cer": best_select_cer(ft_dir), "dir": str(ft_dir)})
+
+    if not args.scratch_lr_multiples:
+        return {"lr": None, "updates": ft_updates, "sweep": [], "base_lr": base_lr}
+    for multiple in args.scratch_lr_multiples:
+        trial(base_lr * multiple, ft_updates)
+    best = min(sweep, key=lambda t: t["select_cer"])
+    trial(best["lr"], 2 * ft_updates)
+    chosen = min(sweep, key=lambda t: t["select_cer"])
+    lr = None if chosen["lr"] == base_lr else chosen["lr"]
+    log.info("%s: scratch recipe lr %g, %d updates (selection CER %.3f)", corpus.name, chosen["lr"],
+             chosen["updates"], chosen["select_cer"])
+    return {"lr": lr, "updates": chosen["updates"], "sweep": sweep, "base_lr": base_lr}
+
+
 def run_corpus(runner: Runner, corpus: Corpus, args, seeds: list[int]) -> dict:
     work = args.work / corpus.name
     model = [f"model={args.model}"]
@@ -360,23 +404,30 @@ def run_corpus(runner: Runner, corpus: Corpus, args, seeds: list[int]) -> dict:
         digits = json.loads(out.read_text())
 
     ft_updates = args.finetune_updates[corpus.name]
-    ft_interval = max(1, ft_updates // (2 if smoke else 6))
+
+    def finetune_arm(name: str, init: str, manifest: Path, seed: int, updates: int, lr: Optional[float]) -> Path:
+        ft_dir = work / "finetune" / name
+        interval = max(1, updates // (2 if smoke else 6))
+        ft = [*model, f"init={init}", f"data.train={manifest}", f"data.valid={corpus.finetune_valid}",
+              "recipe=cpu_tiny", f"output_dir={ft_dir}", f"trainer.seed={seed}", f"trainer.max_updates={updates}",
+              f"trainer.validate_every={interval}", f"trainer.checkpoint_every={interval}",
+              *([f"trainer.optim.lr={lr:g}"] if lr is not None else []), *corpus.finetune_overrides]
+        if smoke:
+            # A dozen utterances need not hold every letter of the validation transcripts.
+            ft += ["trainer.log_every=2", "ctc.freeze_updates=2", "data.batch_seconds=12.0",
+                   "data.text.unknown=drop", "trainer.num_workers=0"]
+        runner.run(f"{corpus.name}/finetune/{name}", "finetune", ft, done=training_done(ft_dir, updates))
+        return ft_dir
+
+    scratch = sweep_scratch(corpus, args, seeds[0], ft_updates, finetune_arm)
     arms = []
     for budget, manifest in corpus.budgets.items():
         for init_name, init in (("pretrained", str(pt_dir / "best")), ("scratch", "none")):
             # Every seed at the headline budget (the figure the targets are about), the first elsewhere.
             for seed in (seeds if budget == HEADLINE[corpus.name] else seeds[:1]):
-                name = f"{budget}_{init_name}_s{seed}"
-                ft_dir = work / "finetune" / name
-                ft = [*model, f"init={init}", f"data.train={manifest}", f"data.valid={corpus.finetune_valid}",
-                      "recipe=cpu_tiny", f"output_dir={ft_dir}", f"trainer.seed={seed}",
-                      f"trainer.max_updates={ft_updates}", f"trainer.validate_every={ft_interval}",
-                      f"trainer.checkpoint_every={ft_interval}", *corpus.finetune_overrides]
-                if smoke:
-                    # A dozen utterances need not hold every letter of the validation transcripts.
-                    ft += ["trainer.log_every=2", "ctc.freeze_updates=2", "data.batch_seconds=12.0",
-                           "data.text.unknown=drop", "trainer.num_workers=0"]
-                runner.run(f"{corpus.name}/finetune/{name}", "finetune", ft, done=training_done(ft_dir, ft_updates))
+                lr, updates = (scratch["lr"], scratch["updates"]) if init_name == "scratch" else (None, ft_updates)
+                name = f"{budget}_{init_name}_s{seed}" + arm_suffix(lr, updates, ft_updates)
+                ft_dir = finetune_arm(name, init, manifest, seed, updates, lr)
                 scores = {}
                 for split, eval_manifest in corpus.eval_sets.items():
                     out = work / "evaluate" / name / f"{split}.json"
@@ -385,13 +436,13 @@ def run_corpus(runner: Runner, corpus: Corpus, args, seeds: list[int]) -> dict:
                                done=out.exists())
                     scores[split] = json.loads(out.read_text())
                 arms.append({"budget": budget, "minutes": corpus.budget_minutes[budget], "init": init_name,
-                             "seed": seed, "dir": str(ft_dir), "scores": scores,
+                             "seed": seed, "dir": str(ft_dir), "scores": scores, "lr": lr,
                              "updates": json.loads((ft_dir / "train_summary.json").read_text())["updates"]})
     return {"corpus": corpus.name, "calibration": calib, "pretrain_dir": str(pt_dir), "arms": arms,
             "probe_init": json.loads(probe_init.read_text()), "probe_final": json.loads(probe_final.read_text()),
             "probe_ctc": probe_ctc, "ctc_probe_budget": next(iter(corpus.budgets)), "probe_fsdd": digits,
             "pretrain_summary": json.loads((pt_dir / "train_summary.json").read_text()), "notes": corpus.notes,
-            "budget_minutes": corpus.budget_minutes, "eval_sets": list(corpus.eval_sets)}
+            "budget_minutes": corpus.budget_minutes, "eval_sets": list(corpus.eval_sets), "scratch": scratch}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -609,6 +660,19 @@ def write_report(results: list[dict], runner: Runner, args, out: Path, started: 
                     lines.append(f"- {a['budget']} {a['init']} seed {a['seed']}: " + ", ".join(
                         f"CER {s} {_pct(a['scores'][s]['cer'])} %" for s in splits))
             lines.append("")
+    # ---- the scratch arm's own recipe -----------------------------------------------------------------
+    lines += ["## The scratch arm's recipe", "",
+              "Each scratch arm uses the learning rate and length that did best from scratch on the selection split "
+              "(headline budget, first seed): a sweep of multiples of the fine-tuning recipe's learning rate at its "
+              "length, then the best one at twice the length (`sweep_scratch`). Pretrained arms keep the recipe.", "",
+              "| corpus | lr | updates | selection CER % | chosen |", "|---|---|---|---|---|"]
+    for r in results:
+        sc = r.get("scratch") or {}
+        for t in sc.get("sweep", []):
+            chosen = t["updates"] == sc["updates"] and t["lr"] == (sc["lr"] if sc["lr"] is not None else sc["base_lr"])
+            lines.append(f"| {r['corpus']} | {t['lr']:g} | {t['updates']} | {_pct(t['select_cer'])} | "
+                         f"{'yes' if chosen else ''} |")
+    lines.append("")
     # ---- targets -----------------------------------------------------------------------------------
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for r in results:
@@ -745,6 +809,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "default 1500 (smoke 4)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3],
                         help="fine-tuning seeds of the headline budget (other budgets run the first)")
+    parser.add_argument("--scratch-lr-multiples", nargs="*", type=float, default=None,
+                        help="the scratch arm's learning-rate sweep, as multiples of the recipe's (default 0.5 1 2 4; "
+                             "smoke 1 2; none: the scratch arms use the recipe)")
     parser.add_argument("--fsdd", type=Path, default=DATA / FSDD,
                         help="the spoken-digit corpus of the downstream probe (skipped when absent)")
     parser.add_argument("--model", default="fbank-tiny")
@@ -762,6 +829,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.argv = argv
     if args.pretrain_minutes is None:
         args.pretrain_minutes = 0.2 if args.smoke else 60.0
+    if args.scratch_lr_multiples is None:
+        args.scratch_lr_multiples = [1.0, 2.0] if args.smoke else [0.5, 1.0, 2.0, 4.0]
     args.finetune_updates = finetune_updates(args.finetune_updates or [], default=4 if args.smoke else 1500,
                                              parser=parser)
     if args.out is None:
