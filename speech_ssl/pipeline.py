@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from speech_ssl.config import ConfigError, to_dict
 from speech_ssl.errors import SpeechSSLError
+from speech_ssl.logs import PlainFormatter, strip_ansi
 
 log = logging.getLogger("speech_ssl.pipeline")
 
@@ -201,7 +202,7 @@ def _empty(folder: Path, storage: Optional[str]) -> None:
 
 
 class _Tee(io.TextIOBase):
-    """Writes to the console stream and to the stage log."""
+    """Writes to the console stream and to the stage log (plain text: ANSI colour codes are stripped)."""
 
     def __init__(self, stream, log_file):
         self._stream, self._file = stream, log_file
@@ -209,7 +210,7 @@ class _Tee(io.TextIOBase):
     def write(self, text: str) -> int:
         self._stream.write(text)
         with contextlib.suppress(ValueError):  # log closed by a late write from a Ray thread
-            self._file.write(text)
+            self._file.write(strip_ansi(text))
         return len(text)
 
     def flush(self) -> None:
@@ -233,7 +234,7 @@ def stage_log(path: Path, header: str) -> Iterator[Any]:
     log_file = open(path, "a", encoding="utf-8", buffering=1)
     log_file.write(f"\n===== {_now()} {header} =====\n")
     handler = logging.StreamHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(PlainFormatter())
     loggers = [logging.getLogger(n) for n in ("speech_ssl", "pipelines")]
     for lg in loggers:
         lg.addHandler(handler)
@@ -282,19 +283,21 @@ def run_pipeline(name: str, stages: Sequence[Stage], output_dir: str | Path, for
     records: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     with _locked(output_dir):
-        for stage in stages:
+        for index, stage in enumerate(stages, 1):
+            tag = f"{stage.name} ({index}/{len(stages)})"
             folder = output_dir / stage.name
             record = read_record(folder)
             inputs = {n: records[n]["outputs_digest"] for n in stage.needs}
             digest = config_hash(stage.config)
             action = decide(stage, record, inputs, digest, force)
             if action == "skip":
-                log.info("stage %s: finished earlier with this configuration, skipped (%s)", stage.name, folder)
+                log.info("stage %s: finished earlier with this configuration, skipped (%s)", tag, folder)
                 records[stage.name] = record
                 rows.append({"stage": stage.name, "status": "skipped", "wall_seconds": record.get("wall_seconds"),
                              "folder": str(folder)})
                 continue
-            record = _run_stage(stage, folder, record, action, inputs, digest, [r["stage"] for r in rows])
+            record = _run_stage(stage, folder, record, action, inputs, digest, [r["stage"] for r in rows], tag,
+                                started)
             records[stage.name] = record
             rows.append({"stage": stage.name, "status": "ran" if action == "fresh" or record["attempts"] == 1
                          else "resumed", "wall_seconds": record["wall_seconds"], "folder": str(folder)})
@@ -310,12 +313,14 @@ def run_pipeline(name: str, stages: Sequence[Stage], output_dir: str | Path, for
 
 
 def _run_stage(stage: Stage, folder: Path, previous: Optional[dict[str, Any]], action: str,
-               inputs: dict[str, str], digest: str, finished: list[str]) -> dict[str, Any]:
+               inputs: dict[str, str], digest: str, finished: list[str], tag: Optional[str] = None,
+               pipeline_started: Optional[float] = None) -> dict[str, Any]:
+    tag = tag or stage.name
     if action == "fresh" and (folder.exists() or stage.storage):
         why = "forced" if previous is not None and previous.get("inputs") == inputs else "its inputs changed"
         if previous is not None and previous.get("inputs") == inputs and previous.get("config_hash") != digest:
             why = "its configuration changed"
-        log.info("stage %s: starting afresh (%s); emptying %s", stage.name, why, folder)
+        log.info("stage %s: starting afresh (%s); emptying %s", tag, why, folder)
         _empty(folder, stage.storage)
     folder.mkdir(parents=True, exist_ok=True)
     attempts = 1 if action == "fresh" or previous is None else int(previous.get("attempts", 0)) + 1
@@ -323,7 +328,7 @@ def _run_stage(stage: Stage, folder: Path, previous: Optional[dict[str, Any]], a
               "attempts": attempts, "started": _now(), "pid": os.getpid(), "config": config_data(stage.config)}
     write_json(folder / RECORD, record)
     verb = "running" if attempts == 1 else f"resuming (attempt {attempts})"
-    log.info("stage %s: %s in %s", stage.name, verb, folder)
+    log.info("stage %s: %s in %s", tag, verb, folder)
     t0 = time.monotonic()
     with stage_log(folder / STAGE_LOG, f"{stage.name}: {verb}") as log_file:
         try:
@@ -342,7 +347,9 @@ def _run_stage(stage: Stage, folder: Path, previous: Optional[dict[str, Any]], a
                   result=json.loads(json.dumps(result if result is not None else {}, default=str)),
                   outputs_digest=outputs_digest(folder, stage.provides) if stage.provides else uuid.uuid4().hex[:16])
     write_json(folder / RECORD, record)
-    log.info("stage %s: done in %s", stage.name, format_seconds(record["wall_seconds"]))
+    elapsed = (f"; pipeline {format_seconds(time.monotonic() - pipeline_started)} so far"
+               if pipeline_started is not None else "")
+    log.info("stage %s: done in %s%s", tag, format_seconds(record["wall_seconds"]), elapsed)
     return record
 
 

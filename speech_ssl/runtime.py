@@ -1,8 +1,12 @@
 """Ray at the edge: start an embedded local Ray, or connect to a cluster, for the length of a command.
 
 With no address (neither ``ray.address=...`` nor ``RAY_ADDRESS``) a private local Ray is started, sized
-to this machine, its dashboard bound to 127.0.0.1 only, with quiet logging; it is shut down when the
-command ends. With an address, the command joins that cluster and leaves it running.
+to this machine, its dashboard bound to 127.0.0.1 only (on a free port when the configured one is taken, so
+that two commands can run side by side); it is shut down when the command ends. With an address, the
+command joins that cluster and leaves it running.
+
+Ray's own output (its loggers, the output of its worker processes, its C++ core's lines) goes to
+``<log_dir>/ray.log`` while our lines stay on the console: ``ray.log_level`` (``speech_ssl.logs``).
 """
 
 from __future__ import annotations
@@ -10,8 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Optional
+
+from speech_ssl.logs import LOG_LEVEL_CHOICES, RayOutput, check_level, is_quiet
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +50,11 @@ class RayConfig:
     num_cpus / num_gpus: size of the embedded Ray (default: what this machine has).
     object_store_memory_mb: object store of the embedded Ray (default: Ray's choice, capped at 2 GiB
         so that small machines keep memory for the workers).
-    include_dashboard / dashboard_port: the embedded Ray's dashboard, always bound to 127.0.0.1.
+    include_dashboard / dashboard_port: the embedded Ray's dashboard, always bound to 127.0.0.1 (on the next free
+        port when another command's Ray holds this one).
+    log_level: Ray's own output: quiet (the default) sends it to <output_dir>/logs/ray.log and keeps our lines
+        only on the console; DEBUG | INFO | WARNING | ERROR shows it on the console as Ray prints it, its
+        loggers at that level.
     """
 
     address: Optional[str] = None
@@ -51,7 +63,7 @@ class RayConfig:
     object_store_memory_mb: Optional[int] = None
     include_dashboard: bool = True
     dashboard_port: int = 8265
-    log_level: str = "WARNING"
+    log_level: str = field(default="quiet", metadata={"choices": list(LOG_LEVEL_CHOICES)})
 
 
 def resolve_address(cfg: RayConfig) -> Optional[str]:
@@ -66,25 +78,80 @@ def _default_object_store_bytes() -> int:
     return int(min(2 << 30, 0.15 * total))
 
 
-def quiet_ray_loggers() -> None:
+def quiet_ray_loggers(level: int = logging.WARNING) -> None:
     """Ray Data logs every dataset execution at INFO; our stages print their own progress."""
     for name in ("ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(level)
     # It warns once per process that progress bars are off, which is what we asked for.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
-def init_ray(cfg: RayConfig) -> bool:
-    """Start or join Ray as ``cfg`` says. Returns False when Ray was already initialised (left as is)."""
-    global _embedded
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((LOCALHOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCALHOST, 0))
+        return s.getsockname()[1]
+
+
+DEFAULT_DASHBOARD_PORT = 8265
+
+
+def dashboard_port(cfg: RayConfig) -> Optional[int]:
+    """The dashboard port to ask Ray for. The default (8265) becomes None: Ray then takes 8265 or, when another
+    command's Ray holds it, the next free port of the 50 after it (checked as it binds, so two commands
+    starting at once both find one). Another port is used when free, else a free port is chosen."""
+    if cfg.dashboard_port == DEFAULT_DASHBOARD_PORT:
+        return None
+    if _port_free(cfg.dashboard_port):
+        return cfg.dashboard_port
+    port = _free_port()
+    log.info("dashboard port %d is taken (another Ray on this machine?): using %d", cfg.dashboard_port, port)
+    return port
+
+
+# The Ray output router of the session this process started (closed when it ends).
+_output: Optional[RayOutput] = None
+
+
+def init_ray(cfg: RayConfig, log_dir: Optional[str | Path] = None) -> bool:
+    """Start or join Ray as ``cfg`` says. Returns False when Ray was already initialised (left as is).
+
+    ``log_dir``: where Ray's own output goes (``<log_dir>/ray.log``) unless ``cfg.log_level`` asks for it on
+    the console."""
+    global _output
     import ray
 
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    level = getattr(logging, cfg.log_level.upper(), logging.WARNING)
-    quiet_ray_loggers()
+    quiet = is_quiet(cfg.log_level)
+    level = logging.WARNING if quiet else getattr(logging, check_level(cfg.log_level), logging.WARNING)
+    quiet_ray_loggers(level)
     if ray.is_initialized():
         return False
+    output = RayOutput(cfg.log_level, log_dir)
+    output.before_init()
+    try:
+        _start_or_join(cfg, level, quiet)
+    except BaseException:
+        output.close()
+        raise
+    output.after_init()
+    _output = output
+    return True
+
+
+def _start_or_join(cfg: RayConfig, level: int, quiet: bool) -> None:
+    global _embedded
+    import ray
+
     address = resolve_address(cfg)
     if address:
         log.info("connecting to the Ray cluster at %s", address)
@@ -97,8 +164,8 @@ def init_ray(cfg: RayConfig) -> bool:
             from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
             _enable_token_auth()
-        ray.init(address=address, logging_level=level, namespace="speech-ssl")
-        return True
+        ray.init(address=address, logging_level=level, namespace="speech-ssl", configure_logging=not quiet)
+        return
     store = (cfg.object_store_memory_mb << 20) if cfg.object_store_memory_mb else _default_object_store_bytes()
     # An embedded Ray must never start the job server or dashboard on a public interface.
     os.environ.pop("RAY_ADDRESS", None)
@@ -109,13 +176,13 @@ def init_ray(cfg: RayConfig) -> bool:
         object_store_memory=store,
         include_dashboard=cfg.include_dashboard,
         dashboard_host=LOCALHOST,
-        dashboard_port=cfg.dashboard_port,
+        dashboard_port=dashboard_port(cfg) if cfg.include_dashboard else None,
         logging_level=level,
         namespace="speech-ssl",
-        configure_logging=True,
+        # Quiet: speech_ssl.logs routes Ray's loggers to the file (Ray would add a console handler).
+        configure_logging=not quiet,
     )
     _embedded = True
-    return True
 
 
 def is_embedded() -> bool:
@@ -126,24 +193,41 @@ def is_embedded() -> bool:
     return _embedded and ray.is_initialized()
 
 
+def ray_log_path() -> Optional[Path]:
+    """The file that holds Ray's own output in this session (None when it goes to the console)."""
+    return _output.path if _output is not None and _output.quiet else None
+
+
 @contextlib.contextmanager
-def ray_session(cfg: RayConfig) -> Iterator[None]:
+def ray_session(cfg: RayConfig, log_dir: Optional[str | Path] = None) -> Iterator[None]:
     """Ray for the duration of a ``with`` block.
 
     An embedded Ray started here is shut down after; from a cluster joined here the driver disconnects
-    (the cluster keeps running). A Ray initialised by the caller is left alone.
+    (the cluster keeps running). A Ray initialised by the caller is left alone. ``log_dir``: where Ray's own
+    output goes (``<log_dir>/ray.log``; ``speech_ssl.logs``), usually ``<output_dir>/logs``.
     """
-    global _embedded
+    global _embedded, _output
     import ray
 
-    initialised_here = init_ray(cfg)
+    initialised_here = init_ray(cfg, log_dir)
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
-        if initialised_here and ray.is_initialized():
-            ray.shutdown()
-        if initialised_here:
-            _embedded = False
+        try:
+            if initialised_here and ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if initialised_here:
+                _embedded = False
+                output, _output = _output, None
+                if output is not None:
+                    if failed and output.quiet and output.diverted:
+                        log.info("Ray's own output (worker tracebacks included): %s", output.path)
+                    output.close()
 
 
 def dashboard_url() -> Optional[str]:

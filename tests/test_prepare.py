@@ -98,5 +98,7 @@ def test_prepare_fails_clearly_when_everything_is_bad(tmp_path, capsys):
     assert "nothing usable" in err and "Traceback" not in err
     assert not out.exists()
     assert len(_lines(tmp_path / "none.quarantine.jsonl")) == 11  # every file listed all the same
-    assert main(["prepare", f"input={tmp_path / 'absent'}", f"output={out}"]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    # A path that does not exist is a usage error, found before anything starts (exit 2, naming the key).
+    assert main(["prepare", f"input={tmp_path / 'absent'}", f"output={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "'input'" in err and "does not exist" in err

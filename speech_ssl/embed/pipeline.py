@@ -42,6 +42,7 @@ from speech_ssl.data.report import IngestReport
 from speech_ssl.data.sources import Utterance
 from speech_ssl.embed import shards as shard_io
 from speech_ssl.errors import SpeechSSLError
+from speech_ssl.progress import Progress as _Progress
 
 log = logging.getLogger("speech_ssl.embed")
 
@@ -367,34 +368,18 @@ def place(device: str, num_actors: Optional[int], actor_cpus: Optional[float], r
 # Progress lines
 # ---------------------------------------------------------------------------------------------------
 
-class Progress:
-    """Periodic lines: utterances and audio hours done (of the total), rate, real-time factor, ETA."""
+class Progress(_Progress):
+    """Periodic lines: utterances and audio hours done (of the total), real-time factor, shards, ETA
+    (``speech_ssl.progress``)."""
 
     def __init__(self, total_utterances: int, total_seconds: float, every: float):
-        self.total_utterances, self.total_seconds, self.every = total_utterances, total_seconds, every
-        self.utterances = 0
-        self.seconds = 0.0
+        super().__init__("embed", total_utterances, "utterances", every, audio_total=total_seconds, emit=log.info)
         self.shards = 0
-        self.started = time.perf_counter()
-        self.last = self.started
 
-    def update(self, utterances: int, seconds: float) -> None:
-        self.utterances += utterances
-        self.seconds += seconds
+    def update(self, utterances: int, seconds: float) -> None:  # type: ignore[override]
         self.shards += 1
-        now = time.perf_counter()
-        if now - self.last >= self.every:
-            self.last = now
-            log.info(self.line())
-
-    def line(self) -> str:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        rate = self.seconds / elapsed
-        left = max(self.total_seconds - self.seconds, 0.0)
-        eta = f", about {left / rate / 60:.1f} min left" if rate > 0 and left > 0 else ""
-        return (f"embed: {self.utterances}/{self.total_utterances} utterances, {self.seconds / 3600:.3f}/"
-                f"{self.total_seconds / 3600:.3f} h of audio, {self.shards} shards; {rate:.1f}x real time "
-                f"({self.utterances / elapsed:.1f} utterances/s){eta}")
+        self.extra = f"{self.shards} shards"
+        super().update(utterances, seconds)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -477,7 +462,8 @@ def embed_corpus(cfg) -> dict[str, Any]:
     written: list[str] = []
     resolved_precisions: set[str] = set()  # what the actors resolved cfg.precision to
     if todo:
-        with ray_session(cfg.ray):
+        # Ray's own output in _logs/ray.log: a leading "_" keeps it out of readers of the Parquet folder.
+        with ray_session(cfg.ray, log_dir=None if "://" in out.location else f"{out.location}/_logs"):
             placement = place(cfg.device, cfg.num_actors, cfg.actor_cpus, cfg.data.num_cpus_per_reader)
             if placement.device == "cpu" and cfg.precision == "fp16":  # refused here, before any actor starts
                 resolve_precision(cfg.precision, "cpu", "precision")

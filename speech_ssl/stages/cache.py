@@ -86,12 +86,12 @@ def _rows(cfg: Config) -> tuple[list[dict], list[dict]]:
 
 def run(cfg: Config) -> dict[str, Any]:
     import ray
-    from tqdm import tqdm
 
     from speech_ssl.data import cache
     from speech_ssl.data.audio import is_uri
     from speech_ssl.data.report import IngestReport
     from speech_ssl.errors import SpeechSSLError
+    from speech_ssl.progress import Progress
     from speech_ssl.runtime import ray_session
     from speech_ssl.stages.common import resolve_model_config
     from speech_ssl.train.tasks.pretrain import feature_spec_for
@@ -123,8 +123,7 @@ def run(cfg: Config) -> dict[str, Any]:
         with ray_session(cfg.ray):
             write = ray.remote(num_cpus=1)(cache.write_shard)
             slots = max(1, int(ray.available_resources().get("CPU", 1)))
-            bar = tqdm(total=round(sum(seconds[n] for n in todo)), unit="audio-s", desc="cache", file=sys.stderr,
-                       mininterval=5.0, smoothing=0.1)
+            bar = Progress("cache", round(sum(seconds[n] for n in todo)), "audio-s")  # lines with an ETA
             pending: dict[Any, int] = {}
             queue = list(todo)
             while queue or pending:

@@ -41,10 +41,18 @@ def save_resolved_config(output_dir: Path, stage: str, cfg: Any) -> Path:
 
     from speech_ssl.config import to_dict
 
+    from speech_ssl import storage
+
+    text = json.dumps({"stage": stage, "config": to_dict(cfg)}, indent=1)
+    if storage.is_uri(output_dir):  # written at once where it goes (s3://, gs://, ...)
+        storage.write_text(storage.join(output_dir, f"{stage}_config.json"), text)
+        # and in the local work folder that is uploaded at the end
+        (storage.local_work_dir(output_dir) / f"{stage}_config.json").write_text(text)
+        return storage.local_work_dir(output_dir) / f"{stage}_config.json"
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / f"{stage}_config.json"
-    path.write_text(json.dumps({"stage": stage, "config": to_dict(cfg)}, indent=1))
+    path.write_text(text)
     return path
 
 

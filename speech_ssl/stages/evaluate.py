@@ -71,12 +71,10 @@ def use_ray_for(count: int, threshold: int, ray_cfg: RayConfig) -> bool:
 
 
 def progress_bar(total: int, stage: str):
-    """A tqdm bar on standard error for inputs large enough to take a while (standard output stays clean)."""
-    import sys
+    """Progress lines with an ETA on standard error (a log line every few seconds; standard output stays clean)."""
+    from speech_ssl.progress import Progress
 
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=stage, unit="utt", file=sys.stderr, mininterval=5.0, disable=total < 500)
+    return Progress(stage, total, "utterances")
 
 
 def run(cfg: Config) -> dict[str, Any]:

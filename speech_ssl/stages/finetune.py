@@ -95,7 +95,9 @@ def run(cfg: Config) -> dict:
     elif not Path(cfg.init).exists() and "://" not in cfg.init:
         raise ConfigError("init", f"no checkpoint at '{cfg.init}' (give a checkpoint directory, a transformers "
                                   "model directory, a fairseq .pt file, or none to train from scratch).")
-    output_dir = Path(cfg.output_dir).resolve()
+    from speech_ssl import storage
+
+    output_dir = storage.normalize(cfg.output_dir)  # a local path, or a URI (s3://, gs://, ...)
     # Everything that can be wrong with the corpora and transcripts fails here, before Ray or any worker starts.
     train = read_source(cfg.data.train, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
     valid = read_source(cfg.data.valid, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
@@ -108,9 +110,11 @@ def run(cfg: Config) -> dict:
     check_texts(normalizer, train, "data.train")
     check_texts(normalizer, valid, "data.valid")
     previous = ckpt.latest_complete(storage_root(output_dir, cfg.trainer))
-    if previous is not None and "://" not in previous:
-        # A resumed run keeps the vocabulary its head was built with.
-        vocab = Vocabulary.load(previous, unknown=cfg.data.text.unknown)
+    if previous is not None:
+        # A resumed run keeps the vocabulary its head was built with (read from wherever its checkpoint is).
+        vocab = Vocabulary.load(ckpt.download(previous, storage.local_work_dir(output_dir) / ".resume-model",
+                                              model_only=True) if storage.is_uri(previous) else previous,
+                                unknown=cfg.data.text.unknown)
     else:
         vocab = Vocabulary.build([u.text for u in train], normalizer)
     check_vocabulary(vocab, normalizer, train, "data.train")
@@ -122,7 +126,7 @@ def run(cfg: Config) -> dict:
                    train=train, valid=valid, vocab=vocab, ctc=cfg.ctc)
     with output_lock(output_dir, "finetune"):
         save_resolved_config(output_dir, "finetune", cfg)
-        with ray_session(cfg.ray):
+        with ray_session(cfg.ray, log_dir=f"{output_dir}/logs"):
             summary = run_training(task, cfg.trainer, output_dir)
     log.info("fine-tuning done after %d updates: best %s (%s), last %s", summary["updates"], summary["best"],
              ", ".join(f"{k} {v:.4f}" for k, v in summary.get("metrics", {}).items() if k in ("valid_wer", "valid_cer")),

@@ -53,12 +53,11 @@ def _manifest_path(resolved: str, out_dir: str) -> str:
 
 
 def run(cfg: Config) -> None:
-    from tqdm import tqdm
-
     from speech_ssl.data.report import IngestReport
     from speech_ssl.data.scan import probe_many
     from speech_ssl.data.sources import list_source, unique_ids
     from speech_ssl.errors import SpeechSSLError
+    from speech_ssl.progress import Progress
     from speech_ssl.runtime import ray_session
 
     from speech_ssl.stages.common import check_input_path, check_output_file
@@ -71,8 +70,7 @@ def run(cfg: Config) -> None:
     if not rows:
         raise SpeechSSLError(f"no audio files ({', '.join(extensions)}) found in {cfg.input}")
     use_ray = len(rows) > cfg.ray_threshold
-    bar = tqdm(total=len(rows), desc="prepare", unit="file", file=sys.stderr, mininterval=2.0,
-               disable=len(rows) < 2000)
+    bar = Progress("prepare", len(rows), "files")  # a line with an ETA every few seconds
     args = dict(decode=cfg.decode, starts=[r.start for r in rows], ends=[r.end for r in rows], progress=bar.update)
     if use_ray:
         with ray_session(cfg.ray):

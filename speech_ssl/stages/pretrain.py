@@ -128,7 +128,9 @@ def run(cfg: Config) -> dict:
     from speech_ssl.train.tasks.pretrain import PretrainTask
 
     check_output_dir("output_dir", cfg.output_dir)
-    output_dir = Path(cfg.output_dir).resolve()
+    from speech_ssl import storage
+
+    output_dir = storage.normalize(cfg.output_dir)  # a local path, or a URI (s3://, gs://, ...)
     train, valid = read_corpora(cfg)
     monitor = build_monitor(cfg)
     with output_lock(output_dir, "pretrain"):
@@ -136,7 +138,7 @@ def run(cfg: Config) -> dict:
         log.info("pretraining %s on %d utterances (%.2f h)%s", cfg.model, len(train),
                  sum(u.duration for u in train) / 3600,
                  f", validating on {len(valid)}" if valid else "")
-        with ray_session(cfg.ray):
+        with ray_session(cfg.ray, log_dir=f"{output_dir}/logs"):
             task = PretrainTask(model=cfg.model, model_overrides=dict(cfg.model_overrides), data=cfg.data,
                                 train=train, valid=valid, warmup_updates=cfg.trainer.optim.warmup_updates,
                                 monitor=monitor)

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from speech_ssl import storage
 from speech_ssl.runtime import RayConfig
 from speech_ssl.stages import embed as embed_stage
 from speech_ssl.stages import evaluate as evaluate_stage
@@ -75,8 +76,12 @@ class Config:
     pipeline: which chain of stages (pipelines/): pretrain_finetune | embed_corpus.
     output_dir: every stage writes to <output_dir>/<stage>/; summary.json and summary.md at the top.
     force: run every stage afresh (their folders are emptied first) instead of skipping finished ones.
-    storage_path: shared storage for the training checkpoints on multi-node clusters (s3://bucket/prefix,
-        gs://..., an NFS path): they go to <storage_path>/<output_dir name>/<stage>.
+    output_dir may be a URI (s3://bucket/runs/run1, gs://...): the stages then run in a local work folder of
+        the driver whose files are uploaded to it (each atomically) when the run ends or fails; the training
+        checkpoints go straight to <output_dir>/<stage>/, and a re-run on any machine resumes from it.
+    storage_path: where the training checkpoints go instead (s3://bucket/prefix, gs://..., an NFS path):
+        <storage_path>/<output_dir name>/<stage>. Set, it wins over output_dir for the checkpoints; leave it
+        unset when output_dir is itself shared (a URI, or NFS mounted on every node).
     cache: decode the unlabeled audio once into a decoded-audio cache (a `cache` stage after prepare, for
         pretrain's model; `speech-ssl cache --help`) that pretraining and embedding then read instead of
         decoding it every epoch.
@@ -111,10 +116,12 @@ def run(cfg: Config) -> dict[str, Any]:
     from speech_ssl.stages.common import check_output_dir
 
     check_output_dir("output_dir", cfg.output_dir)
+    if storage.is_uri(cfg.output_dir):
+        return _run_on_uri(cfg)
     definition = pipelines.load(cfg.pipeline)
     stages = definition.stages(cfg)  # every configuration error surfaces here, before Ray starts
     log.info("pipeline %s: %s -> %s", cfg.pipeline, " -> ".join(s.name for s in stages), cfg.output_dir)
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray, log_dir=f"{cfg.output_dir.rstrip('/')}/logs"):
         url = dashboard_url()
         if url:
             log.info("Ray dashboard: http://%s", url)
@@ -122,3 +129,27 @@ def run(cfg: Config) -> dict[str, Any]:
                                summarize=definition.summarize)
     print("\n" + render_markdown(summary), flush=True)
     return summary
+
+
+def _is_checkpoint_file(rel: str) -> bool:
+    """``<stage>/checkpoint_*/...`` and Ray Train's own run files: they stay where they are (the URI)."""
+    parts = rel.split("/")
+    return len(parts) > 2 and parts[1].startswith("checkpoint_")
+
+
+def _run_on_uri(cfg: Config) -> dict[str, Any]:
+    """``output_dir`` on a URI: run in the driver's local work folder (same last name, so checkpoints keyed
+    by it land at ``<output_dir>/<stage>``), seeded from what the URI already holds (records, manifests,
+    configs: a re-run on a fresh head skips and resumes as locally), uploaded at the end, success or not."""
+    import dataclasses
+
+    uri = storage.normalize(cfg.output_dir)
+    work = storage.local_work_dir(uri)
+    storage.get_tree(uri, work, exclude=_is_checkpoint_file)
+    local = dataclasses.replace(cfg, output_dir=str(work),
+                                storage_path=cfg.storage_path or storage.parent_of(uri))
+    try:
+        return run(local)
+    finally:
+        storage.put_tree(work, uri, skip=(".speech-ssl.lock",), exclude=_is_checkpoint_file)
+        log.info("outputs uploaded to %s", uri)

@@ -153,7 +153,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if not os.path.isabs(cfg.output_dir) and "://" not in cfg.output_dir:
         raise ConfigError("output_dir", f"'{cfg.output_dir}' is relative: on the cluster it would land in the job's "
                                         "temporary working directory. Give an absolute path on the head node, e.g. "
-                                        "output_dir=/home/ray/outputs/run1 (checkpoints: storage_path=s3://...).")
+                                        "output_dir=/home/ray/outputs/run1, or a URI such as output_dir=s3://BUCKET/runs/run1.")
     address = job_server_address(cfg)
     env = runtime_env(cfg)
     command = entrypoint(cfg.forward)

@@ -225,10 +225,10 @@ def read_main_files(directory: Path) -> tuple[dict[str, torch.Tensor], Any, Trai
 
 
 def storage_fs(root: str):
-    """(pyarrow filesystem, path inside it) for a local path or a URI."""
-    if "://" in root:
-        return pafs.FileSystem.from_uri(root)
-    return pafs.LocalFileSystem(), os.path.abspath(root)
+    """(pyarrow filesystem, path inside it) for a local path or a URI (``speech_ssl.storage.filesystem``)."""
+    from speech_ssl import storage
+
+    return storage.filesystem(root)
 
 
 def list_checkpoints(root: str | Path) -> list[str]:
@@ -264,14 +264,46 @@ def prune(root: str | Path, keep_last: int, keep: set[str]) -> None:
                 log.warning("could not delete old checkpoint %s: %s", path, err)
 
 
-def download(src: str, dest: Path) -> Path:
-    """Copy checkpoint ``src`` (path or URI) into local directory ``dest`` (replacing it)."""
+# What a model directory needs (``speech_ssl.models.load``, fine-tuning's ``init``, evaluate's ``checkpoint``);
+# the rest of a checkpoint (optimizer state, per-rank RNG states, the marker) only serves resuming.
+RESUME_ONLY = ("optimizer.safetensors", MARKER)
+
+
+def is_model_file(name: str) -> bool:
+    return name not in RESUME_ONLY and not name.startswith("rank_")
+
+
+def download(src: str, dest: Path, model_only: bool = False) -> Path:
+    """Copy checkpoint ``src`` (path or URI) into local directory ``dest`` (replacing it); with
+    ``model_only`` just the files of the model directory (no optimizer or RNG state)."""
+    from speech_ssl import storage
+
     if dest.is_symlink() or dest.is_file():
         dest.unlink()
     elif dest.exists():
         shutil.rmtree(dest)
-    fs, path = storage_fs(src)
-    pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    storage.get_tree(src, tmp, skip=RESUME_ONLY + tuple(n for n in _names(src) if n.startswith("rank_"))
+                     if model_only else ())
+    os.replace(tmp, dest)
+    return dest
+
+
+def _names(location: str) -> list[str]:
+    from speech_ssl import storage
+
+    return [i.base_name for i in storage.listdir(location)]
+
+
+def upload(local_dir: Path, dest: str) -> str:
+    """Copy a checkpoint written locally to ``dest`` (path or URI), each file atomically and the
+    completion marker last, so that ``is_complete`` never accepts a partial upload."""
+    from speech_ssl import storage
+
+    storage.put_tree(local_dir, dest, skip=(MARKER,))
+    if (Path(local_dir) / MARKER).exists():
+        storage.put_file(Path(local_dir) / MARKER, storage.join(dest, MARKER))
     return dest
 
 

@@ -36,9 +36,18 @@ class LocalContext:
 
     def latest_checkpoint(self) -> Optional[Path]:
         found = ckpt.latest_complete(self.storage_root)
-        return Path(found) if found else None
+        if found is None:
+            return None
+        if "://" not in found:
+            return Path(found)
+        self._downloaded = Path(tempfile.mkdtemp(prefix="speech-ssl-resume-"))
+        return ckpt.download(found, self._downloaded / Path(found).name)
 
     def save_checkpoint(self, name: str, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
+        if "://" in self.storage_root:  # a URI: written locally, then uploaded (marker last)
+            with tempfile.TemporaryDirectory(prefix="speech-ssl-ckpt-") as tmp:
+                write(Path(tmp))
+                return ckpt.upload(Path(tmp), f"{self.storage_root.rstrip('/')}/{name}")
         root = Path(self.storage_root)
         root.mkdir(parents=True, exist_ok=True)
         final = root / name

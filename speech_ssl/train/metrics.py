@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from speech_ssl.progress import eta, format_duration
+
 log = logging.getLogger("speech_ssl.train")
 
 
@@ -46,7 +48,10 @@ class MetricsLogger:
                 log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
 
     def truncate_after(self, update: int) -> None:
-        """Forget records past ``update`` (a resumed run replays those updates and logs them again)."""
+        """Forget records past ``update`` (a resumed run replays those updates and logs them again).
+        Also where this run starts: the ETA on the progress lines counts from here."""
+        self.start_update = update
+        self.started = time.monotonic()
         records = read_metrics(self.path)
         kept = [r for r in records if r.get("update", 0) <= update]
         if len(kept) != len(records):
@@ -68,21 +73,15 @@ class MetricsLogger:
         line = [f"[{split}] update {update}/{self.max_updates}"]
         keys = self.progress_keys if split == "train" else sorted(metrics)
         line += [_fmt(k, metrics[k]) for k in keys if k in metrics]
-        if split == "train" and update > self.start_update:
-            rate = (time.monotonic() - self.started) / (update - self.start_update)
-            line.append(f"eta {_duration(rate * (self.max_updates - update))}")
+        if split == "train":
+            left = eta(update - self.start_update, self.max_updates - self.start_update,
+                       time.monotonic() - self.started)
+            line.append(f"eta {format_duration(left)}" if left is not None else "eta -")
         log.info(" | ".join(line))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
