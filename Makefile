@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-chaos bench clean
 
 # Creates .venv and installs the package (editable) with its dev and decode extras.
 $(STAMP): pyproject.toml
@@ -26,6 +26,10 @@ test: $(STAMP)
 # Everything but the slow-marked end-to-end runs (Ray Train, pipelines, clusters, jobs): under 2 minutes here.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# The chaos trials of tests/test_chaos.py (a few minutes); benchmarks/chaos.py is the full measurement.
+test-chaos: $(STAMP)
+	$(BIN)/python -m pytest -q -m chaos tests/test_chaos.py
 
 bench: $(STAMP)
 	@echo "benchmarks are scripts: see benchmarks/README.md"

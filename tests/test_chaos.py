@@ -3,6 +3,10 @@ killed mid-run, and the driver killed mid-run followed by the same command again
 bit-identical to an undisturbed run's; every checkpoint loads. The full measurement (every command, random
 victims and moments, N trials) is ``benchmarks/chaos.py``, whose pieces these tests use.
 
+The trials (marked ``chaos``) run with ``make test-chaos`` and are left out of ``make test``: a killed worker
+and a killed driver are also covered there by tests/test_train.py, tests/test_pipeline.py and
+tests/test_faults.py, and the two-node reference run costs minutes the suite does not have.
+
 The fast tests check the harness itself: it signals only processes carrying its own trial tag, and its
 comparison does see a changed weight or a duplicated embedding row (so the slow tests can fail)."""
 
@@ -74,6 +78,7 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.chaos
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("kind", ["train_worker", "driver"])
 def test_pretraining_killed_mid_run_completes_bit_identical(setup, kind):
@@ -95,6 +100,7 @@ def test_pretraining_killed_mid_run_completes_bit_identical(setup, kind):
 
 
 @pytest.mark.slow
+@pytest.mark.chaos
 def test_the_comparison_sees_one_changed_weight(setup, tmp_path):
     """The check that the slow tests rely on can fail: one float changed in one checkpoint is found."""
     import torch
