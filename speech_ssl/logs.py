@@ -311,7 +311,6 @@ class RayOutput:
             self._stderr = _StderrFilter(self.sink)
             if not self._stderr.start():
                 self._stderr = None
-        log.info("Ray's own output: %s (ray.log_level=INFO shows it here)", self.path)
 
     def _install_router(self) -> None:
         try:

@@ -60,6 +60,14 @@ RECORD = "stage.json"
 STAGE_LOG = "stage.log"
 LOCK = ".pipeline.lock"
 
+# The stage running now in this process (None outside a pipeline).
+_current_stage: Optional[str] = None
+
+
+def in_stage() -> Optional[str]:
+    """The name of the pipeline stage running now in this process, or None (a command run on its own)."""
+    return _current_stage
+
 
 @dataclasses.dataclass
 class Stage:
@@ -330,8 +338,10 @@ def _run_stage(stage: Stage, folder: Path, previous: Optional[dict[str, Any]], a
     verb = "running" if attempts == 1 else f"resuming (attempt {attempts})"
     log.info("stage %s: %s in %s", tag, verb, folder)
     t0 = time.monotonic()
+    global _current_stage
     with stage_log(folder / STAGE_LOG, f"{stage.name}: {verb}") as log_file:
         try:
+            _current_stage = stage.name
             result = stage.fn(stage.config)
         except KeyboardInterrupt:
             record.update(status="interrupted", wall_seconds=round(time.monotonic() - t0, 2), finished=_now())
@@ -343,6 +353,8 @@ def _run_stage(stage: Stage, folder: Path, previous: Optional[dict[str, Any]], a
                           wall_seconds=round(time.monotonic() - t0, 2), finished=_now())
             write_json(folder / RECORD, record)
             raise StageFailed(stage.name, folder, err, finished) from err
+        finally:
+            _current_stage = None
     record.update(status="done", finished=_now(), wall_seconds=round(time.monotonic() - t0, 2),
                   result=json.loads(json.dumps(result if result is not None else {}, default=str)),
                   outputs_digest=outputs_digest(folder, stage.provides) if stage.provides else uuid.uuid4().hex[:16])
@@ -368,6 +380,29 @@ def format_seconds(seconds: Optional[float]) -> str:
         return f"{minutes} min {secs:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
+
+
+def render_console(summary: dict[str, Any], width: int = 110) -> str:
+    """The summary for the console: short (the stage table in one line, the places wrapped); the full
+    Markdown is in ``summary.md``."""
+    import textwrap
+
+    out = Path(summary["output_dir"])
+
+    def rel(path: Any) -> str:
+        return os.path.relpath(path, out) if isinstance(path, str) and path.startswith(str(out)) else str(path)
+
+    stages = ", ".join(f"{row['stage']} {format_seconds(row['wall_seconds'])}"
+                       + (" (earlier run)" if row["status"] == "skipped" else "") for row in summary["stages"])
+    lines = [f"speech-ssl run {summary['pipeline']}: done in {format_seconds(summary['wall_seconds'])} "
+             f"(summary: {out / 'summary.md'})", f"  stages: {stages}"]
+    if summary.get("highlights"):
+        lines += ["  results:"] + [f"  - {h.replace('**', '')}" for h in summary["highlights"]]
+    if summary.get("outputs"):  # the paths only (summary.md says what each is)
+        places = ", ".join(rel(path) for path in summary["outputs"].values())
+        lines += textwrap.wrap(f"where (in {out}/): {places}", width, initial_indent="  ",
+                               subsequent_indent="    ", break_on_hyphens=False, break_long_words=False)
+    return "\n".join(lines) + "\n"
 
 
 def render_markdown(summary: dict[str, Any]) -> str:

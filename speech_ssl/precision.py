@@ -102,7 +102,7 @@ def resolve_precision(requested: str, device: torch.device | str, key: str = "pr
                                "with native bf16, else fp32.", PRECISIONS)
     if requested == "auto":
         chosen = "bf16" if features else "fp32"
-        log.info("precision=auto on this CPU: %s (%s)", chosen,
+        log.debug("precision=auto on this CPU: %s (%s)", chosen,
                  f"native bf16: {', '.join(features)}" if features else "no native bf16 dot products")
         return chosen
     if requested == "bf16" and not features:

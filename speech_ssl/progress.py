@@ -3,7 +3,7 @@
     prepare: 1200/5000 files (24%) | 40.1 files/s | 0m30s elapsed | eta 1m35s
 
 A drop-in for the tqdm bars the stages used (``update(n)`` / ``close()``), but one log line every
-``every`` seconds (default 10 s, ``SPEECH_SSL_PROGRESS_SECONDS``) instead of carriage returns, so that
+``every`` seconds (default 30 s, ``SPEECH_SSL_PROGRESS_SECONDS``) instead of carriage returns, so that
 consoles, ``stage.log`` files and job logs all read the same. Runs shorter than one interval print nothing.
 """
 
@@ -17,7 +17,7 @@ from typing import Callable, Optional
 log = logging.getLogger("speech_ssl.progress")
 
 
-def progress_seconds(default: float = 10.0) -> float:
+def progress_seconds(default: float = 30.0) -> float:
     try:
         return float(os.environ.get("SPEECH_SSL_PROGRESS_SECONDS", default))
     except ValueError:

@@ -145,6 +145,10 @@ def init_ray(cfg: RayConfig, log_dir: Optional[str | Path] = None) -> bool:
         raise
     output.after_init()
     _output = output
+    if output.quiet:  # one line: where to look (Ray's own "View the dashboard at" line went to the file)
+        url = dashboard_url() if cfg.include_dashboard and _embedded else None
+        log.info("Ray: %sits own output in %s (ray.log_level=INFO shows it here)",
+                 f"dashboard http://{url}, " if url else "", output.path)
     return True
 
 

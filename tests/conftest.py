@@ -20,7 +20,7 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, object_store_memory=300 << 20, include_dashboard=False, namespace="speech-ssl-tests",
+    ray.init(address="local", num_cpus=2, object_store_memory=300 << 20, include_dashboard=False, namespace="speech-ssl-tests",
              log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

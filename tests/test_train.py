@@ -39,7 +39,7 @@ def ray_with_dashboard():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, object_store_memory=300 << 20, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=2, object_store_memory=300 << 20, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=_free_port(), log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -500,11 +500,7 @@ def embed_corpus(cfg) -> dict[str, Any]:
                 if result["shard"]:
                     written.append(result["shard"])
                 progress.update(result["utterances"], result["audio_seconds"])
-            embed_seconds = time.perf_counter() - embed_start
-            log.info(progress.line())
-            if resolved_precisions:
-                log.info("embed: precision %s resolved to %s on the model actors", cfg.precision,
-                         ", ".join(sorted(resolved_precisions)))
+            embed_seconds = time.perf_counter() - embed_start  # the last line below says it all
     report.merge(this_run)
     wall = time.perf_counter() - wall_start
 
@@ -538,9 +534,11 @@ def embed_corpus(cfg) -> dict[str, Any]:
     summary["runs"] = list(previous.get("runs", [])) + [dict(summary["this_run"], counts=dict(summary["counts"]))]
     out.write_text(shard_io.SUMMARY, json.dumps(summary, indent=1) + "\n")
     log.info("embed: %s", report.summary_line())
-    log.info("embed: %d shard(s) in %s (%d written now); %.1f s wall, %.1f s of audio per second; summary %s",
+    precision = (f"; precision {cfg.precision} resolved to {', '.join(sorted(resolved_precisions))} on the actors"
+                 if resolved_precisions else "")
+    log.info("embed: %d shard(s) in %s (%d written now); %.1f s wall, %.1f s of audio per second%s; summary %s",
              len(summary["shards"]), out.location, len(written), wall, summary["this_run"]["audio_seconds_per_second"],
-             out.uri(shard_io.SUMMARY))
+             precision, out.uri(shard_io.SUMMARY))
     report.raise_if_nothing_used(cfg.input)
     return summary
 

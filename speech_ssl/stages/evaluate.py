@@ -166,5 +166,8 @@ def run(cfg: Config) -> dict[str, Any]:
              cfg.decoder, cfg.data.test, results["wer"], results["cer"], scored, results["audio_hours"],
              results["rtf"])
     print(report.summary_line("evaluate"))
-    print(json.dumps(results), flush=True)
+    from speech_ssl.pipeline import in_stage
+
+    if not in_stage():  # the results object for scripts; in a pipeline it is in results.json and the summary
+        print(json.dumps(results), flush=True)
     return results

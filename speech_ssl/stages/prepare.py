@@ -109,5 +109,5 @@ def run(cfg: Config) -> None:
         os.remove(tmp)
         report.raise_if_nothing_used(cfg.input)
     os.replace(tmp, output)
-    print(f"prepare: wrote {output} ({report.used} files, {seconds / 3600:.3f} h); quarantine report {qpath}")
-    print(report.summary_line("prepare"))
+    # One line per manifest: the counts, where it went, and where the quarantine report is.
+    print(f"{report.summary_line('prepare')} -> {output} (quarantine report {os.path.basename(qpath)})")

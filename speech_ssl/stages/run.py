@@ -108,10 +108,10 @@ class Config:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Run the pipeline; returns its summary (printed as Markdown at the end)."""
+    """Run the pipeline; returns its summary (printed at the end; the Markdown in <output_dir>/summary.md)."""
     import pipelines
-    from speech_ssl.pipeline import render_markdown, run_pipeline
-    from speech_ssl.runtime import dashboard_url, ray_session
+    from speech_ssl.pipeline import render_console, run_pipeline
+    from speech_ssl.runtime import ray_session
 
     from speech_ssl.stages.common import check_output_dir
 
@@ -121,13 +121,10 @@ def run(cfg: Config) -> dict[str, Any]:
     definition = pipelines.load(cfg.pipeline)
     stages = definition.stages(cfg)  # every configuration error surfaces here, before Ray starts
     log.info("pipeline %s: %s -> %s", cfg.pipeline, " -> ".join(s.name for s in stages), cfg.output_dir)
-    with ray_session(cfg.ray, log_dir=f"{cfg.output_dir.rstrip('/')}/logs"):
-        url = dashboard_url()
-        if url:
-            log.info("Ray dashboard: http://%s", url)
+    with ray_session(cfg.ray, log_dir=f"{cfg.output_dir.rstrip('/')}/logs"):  # says where the dashboard is
         summary = run_pipeline(cfg.pipeline, stages, cfg.output_dir, force=cfg.force,
                                summarize=definition.summarize)
-    print("\n" + render_markdown(summary), flush=True)
+    print(render_console(summary), end="", flush=True)  # the full Markdown: <output_dir>/summary.md
     return summary
 
 

@@ -27,7 +27,8 @@ def _fmt(key: str, value: Any) -> str:
 class MetricsLogger:
     """Rank 0's sink for metrics: ``metrics.jsonl``, TensorBoard and a progress line per log step.
 
-    ``progress_keys`` are the metrics shown on the progress line (all of them go to the files).
+    ``progress_keys`` are the metrics shown on the progress line (all of them go to the files); every train
+    line carries the ETA (counted from where this run started: ``truncate_after``).
     """
 
     def __init__(self, output_dir: Path, max_updates: int, progress_keys: Sequence[str], tensorboard: bool = True):
