@@ -74,6 +74,9 @@ TARGETS = {
     "embed": ("data_task", "embed_actor", "raylet2", "driver"),
     "run": ("train_worker", "data_task", "feeder", "embed_actor", "raylet2", "driver"),
 }
+# Not drawn by default; name it in --targets: the run's StopFlag actor (speech_ssl.train.control), which a
+# lost node takes with it when it was placed there (reproduces the early, "successful" end found by raylet2).
+EXTRA_TARGETS = {"pretrain": ("stop_flag",), "finetune": ("stop_flag",), "run": ("stop_flag",)}
 HEAD_CPUS, NODE_CPUS = 2, 1
 STORE_BYTES = 150_000_000
 PRETRAIN_UPDATES, FINETUNE_UPDATES = 8, 6
@@ -162,6 +165,8 @@ def is_victim(kind: str, p: Proc) -> bool:
         return name.startswith("ray::RayTrainWorker")
     if kind == "feeder":
         return name.startswith("ray::Feeder")
+    if kind == "stop_flag":
+        return name.startswith("ray::StopFlag")
     if kind == "embed_actor":
         return name.startswith("ray::MapWorker") and "ShardEmbedder" in name
     if kind == "data_task":  # a Ray Data task running now (an idle worker is "ray::IDLE")
@@ -276,7 +281,7 @@ def make_inputs(work: Path) -> dict[str, str]:
         "train": str(make_toy_asr_corpus(root, n=12, seed=0, split="train", words=words)),
         "valid": str(make_toy_asr_corpus(root, n=4, seed=1, split="valid", words=words)),
         "test": str(make_toy_asr_corpus(root, n=4, seed=2, split="test", words=words)),
-        "embed_input": str(make_corpus(root, n=16, min_seconds=1.0, max_seconds=3.0, split="embed", seed=5)),
+        "embed_input": str(make_corpus(root, n=40, min_seconds=1.0, max_seconds=3.0, split="embed", seed=5)),
     }
     import torch
 
@@ -308,7 +313,7 @@ def command_args(command: str, inputs: dict[str, str], out: Path, address: str) 
                 "trainer.optim.lr=1.5e-3", "ctc.freeze_updates=0", *TRAIN_COMMON, *ray]
     if command == "embed":
         return ["embed", f"checkpoint={inputs['model']}", f"input={inputs['embed_input']}", f"output={out}",
-                "layers=[0,2,-1]", "pooling=none", "shard_seconds=4", "data.batch_seconds=6", "progress_seconds=0",
+                "layers=[0,2,-1]", "pooling=none", "shard_seconds=3", "data.batch_seconds=6", "progress_seconds=0",
                 "precision=fp32", *ray]
     if command == "run":
         stage = lambda s, items: [f"{s}.{a}" for a in items]  # noqa: E731
@@ -530,7 +535,7 @@ def progress_of(command: str, out: Path) -> str:
 @dataclasses.dataclass
 class Kill:
     kind: str
-    at: float = 0.0          # chosen moment (s after the start)
+    at: str = ""             # the chosen moment, in words
     done_at: Optional[float] = None
     victim: str = ""
     pid: Optional[int] = None
@@ -538,21 +543,66 @@ class Kill:
     replacement_node: bool = False
 
 
+JOB_KINDS = ("train_worker", "data_task", "feeder", "embed_actor")
+
+
+def kinds_present(procs: list[Proc], tag: str) -> set[str]:
+    """Which victim kinds of the job have a process now ("job": any of them)."""
+    present = {k for p in procs if p.tag == tag for k in JOB_KINDS if is_victim(k, p)}
+    return present | ({"job"} if present else set())
+
+
+def progress_count(command: str, out: Path) -> int:
+    """How far a run is, in units that only grow: updates of the newest complete checkpoint (training),
+    shards written (embedding); for the pipeline their sum over its stages (they run one after another)."""
+    from speech_ssl.train import checkpoint as ckpt
+
+    def updates(folder: Path) -> int:
+        latest = ckpt.latest_complete(folder) if folder.is_dir() else None
+        return ckpt.updates_of(Path(latest).name) if latest else 0
+
+    def shards(folder: Path) -> int:
+        return len(list(folder.glob("part-*.parquet"))) if folder.is_dir() else 0
+
+    if command in ("pretrain", "finetune"):
+        return updates(out)
+    if command == "embed":
+        return shards(out)
+    return updates(out / "pretrain") + updates(out / "finetune") + shards(out / "embed")
+
+
 class Moment:
-    """When to look for the victim: ``seconds`` after the start, or once ``after_checkpoint`` exists."""
+    """When to kill: once the run has reached ``after_progress`` (see ``progress_count``; None: from the
+    start), ``seconds`` later; the victim is the first process of its kind found from then on. Random
+    moments are drawn in progress units, not wall seconds: the machine's load (shared, 2 cores) changes a
+    run's wall time several-fold, which would push wall-clock moments out of the run."""
 
-    def __init__(self, seconds: float = 0.0, after_checkpoint: Optional[int] = None):
-        self.seconds, self.after_checkpoint = seconds, after_checkpoint
+    def __init__(self, seconds: float = 0.0, after_progress: Optional[int] = None):
+        self.seconds, self.after_progress = seconds, after_progress
+        self.reached_at: Optional[float] = None
 
-    def reached(self, elapsed: float, out: Path) -> bool:
-        if elapsed < self.seconds:
-            return False
-        if self.after_checkpoint is None:
-            return True
-        from speech_ssl.train import checkpoint as ckpt
+    def describe(self) -> str:
+        start = f"progress {self.after_progress}" if self.after_progress is not None else "the start"
+        return f"{self.seconds:.1f}s after {start}"
 
-        latest = ckpt.latest_complete(out) if out.is_dir() else None
-        return latest is not None and ckpt.updates_of(Path(latest).name) >= self.after_checkpoint
+    def reached(self, elapsed: float, progress: Callable[[], int]) -> bool:
+        if self.reached_at is None:
+            if self.after_progress is not None and progress() < self.after_progress:
+                return False
+            self.reached_at = elapsed
+        return elapsed >= self.reached_at + self.seconds
+
+
+def random_moment(kind: str, ref: dict, rng: random.Random) -> Moment:
+    """A moment drawn uniformly from the progress range in which ``kind`` existed in the reference run (the
+    driver and the second node's raylet: the whole run before its last unit), plus 0-1 s."""
+    window = ref.get("windows", {}).get(kind if kind in JOB_KINDS else "job")
+    total = int(ref.get("progress", 0))
+    low, high = (int(window[0]), int(window[1])) if window else (0, total)
+    if kind == "stop_flag":  # alive for the whole of training
+        low, high = 0, total
+    high = max(low, min(high, total - 1))
+    return Moment(seconds=rng.uniform(0.0, 1.0), after_progress=rng.randint(low, high))
 
 
 def find_victim(kind: str, tag: str, driver: subprocess.Popen, cluster: Cluster, rng: random.Random) -> Optional[Proc]:
@@ -569,7 +619,7 @@ def find_victim(kind: str, tag: str, driver: subprocess.Popen, cluster: Cluster,
 
 def run_trial(command: str, args: list[str], out: Path, trial_dir: Path, tag: str, cluster: Cluster,
               kill: Optional[Kill], moment: Optional[Moment], timeout: float, rng: random.Random,
-              observe: Optional[set] = None, verbose: bool = False) -> dict[str, Any]:
+              observe: Optional[dict] = None, verbose: bool = False) -> dict[str, Any]:
     """Run ``args`` (killing ``kill.kind`` at ``moment``), re-run once if the driver died or the run failed;
     returns attempts, kill, hang."""
     started = now()
@@ -585,9 +635,16 @@ def run_trial(command: str, args: list[str], out: Path, trial_dir: Path, tag: st
             if now() > deadline:
                 hang = True
                 break
-            if observe is not None:
-                observe.update(p.name.split(" ")[0][:60] for p in owned(tag) if p.name.startswith("ray::"))
-            if kill is not None and kill.done_at is None and attempt == 0 and moment.reached(elapsed, out):
+            if observe is not None:  # process titles seen, and when each victim kind existed
+                procs = processes()
+                observe.setdefault("titles", set()).update(
+                    p.name.split(" ")[0][:60] for p in procs if p.tag == tag and p.name.startswith("ray::"))
+                units = progress_count(command, out)
+                for k in kinds_present(procs, tag):  # the progress range in which each kind existed
+                    window = observe.setdefault("windows", {}).setdefault(k, [units, units])
+                    window[1] = units
+            if kill is not None and kill.done_at is None and attempt == 0 and moment.reached(
+                    elapsed, lambda: progress_count(command, out)):
                 victim = find_victim(kill.kind, tag, proc, cluster, rng)
                 if victim is not None:
                     kill.progress = progress_of(command, out)
@@ -642,7 +699,7 @@ def reference(command: str, inputs: dict[str, str], work: Path, timeout: float) 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     tag = f"{os.getpid()}-ref-{command}"
-    observed: set = set()
+    observed: dict = {}
     out = folder / "out"
     with cluster_for(tag, folder) as cluster:
         result = run_trial(command, command_args(command, inputs, out, cluster.address), out, folder, tag,
@@ -650,7 +707,9 @@ def reference(command: str, inputs: dict[str, str], work: Path, timeout: float) 
     rc = result["attempts"][-1]["rc"]
     if rc != 0:
         raise RuntimeError(f"the reference {command} run failed (rc {rc}): {result['attempts'][-1]['tail']}")
-    info = {"command": command, "out": str(out), "seconds": result["seconds"], "processes": sorted(observed)}
+    info = {"command": command, "out": str(out), "seconds": result["seconds"],
+            "processes": sorted(observed.get("titles", ())), "windows": observed.get("windows", {}),
+            "progress": progress_count(command, out)}
     record.write_text(json.dumps(info, indent=1))
     return info
 
@@ -662,7 +721,7 @@ def one_trial(command: str, n: int, kind: str, moment: Moment, inputs: dict[str,
     trial_dir.mkdir(parents=True)
     tag = f"{os.getpid()}-{command}-{n}"
     out = trial_dir / "out"
-    kill = Kill(kind, at=round(moment.seconds, 1))
+    kill = Kill(kind, at=moment.describe())
     with cluster_for(tag, trial_dir) as cluster:
         result = run_trial(command, command_args(command, inputs, out, cluster.address), out, trial_dir, tag,
                            cluster, kill, moment, timeout, rng, verbose=verbose)
@@ -689,7 +748,7 @@ def one_trial(command: str, n: int, kind: str, moment: Moment, inputs: dict[str,
 def kill_summary(row: dict) -> str:
     k = row["kill"]
     if k["done_at"] is None:
-        return f"{k['kind']}: never found (from {k['at']}s)"
+        return f"{k['kind']}: none found ({k['at']})"
     return f"{k['kind']}@{k['done_at']}s [{k['progress']}]"
 
 
@@ -742,10 +801,21 @@ def checkpoint_bytes(ref_out: Path) -> int:
     return sum(p.stat().st_size for p in latest.iterdir() if p.is_file())
 
 
+def _listing(folder: Path) -> dict[str, int]:
+    """Every entry directly under ``folder`` (hidden ones too) and its size in bytes (folders: their files)."""
+    sizes = {}
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        sizes[p.name] = (sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+                         if p.is_dir() and not p.is_symlink() else p.lstat().st_size)
+    return sizes
+
+
 def disk_full(inputs: dict[str, str], work: Path, ref: dict, timeout: float, workers: int) -> dict[str, Any]:
     """Pretraining into a tmpfs that holds about 1.6 checkpoints (keep_last=1): the first checkpoint fits, a
     later one runs out of space while it is written. The earlier checkpoint must stay complete and load;
-    the command must end (no hang) and say what happened."""
+    the command must end (no hang) and say so. Then the tmpfs is grown (space freed, as a user would) and
+    the same command run again: it must resume from the intact checkpoint and end with the reference's
+    weights."""
     from speech_ssl.train import checkpoint as ckpt
 
     name = f"disk_full_{workers}w"
@@ -765,25 +835,49 @@ def disk_full(inputs: dict[str, str], work: Path, ref: dict, timeout: float, wor
             args = [a for a in args if not a.startswith(("trainer.keep_last=", "trainer.num_workers="))]
             args += ["trainer.keep_last=1", f"trainer.num_workers={workers}"]
             result = run_trial("pretrain", args, out, trial_dir, tag, cluster, None, None, timeout, random.Random(0))
-        complete = [Path(p) for p in ckpt.list_checkpoints(out) if ckpt.is_complete(p)]
-        incomplete = [Path(p).name for p in ckpt.list_checkpoints(out) if not ckpt.is_complete(p)]
-        loads = []
-        for p in complete:
-            try:
-                from speech_ssl.models import load
+            complete = [Path(p) for p in ckpt.list_checkpoints(out) if ckpt.is_complete(p)]
+            incomplete = [Path(p).name for p in ckpt.list_checkpoints(out) if not ckpt.is_complete(p)]
+            loads = []
+            for p in complete:
+                try:
+                    from speech_ssl.models import load
 
-                load(str(p))
-                ckpt.read_main_files(p)
-                loads.append(p.name)
-            except Exception as err:  # noqa: BLE001
-                row.setdefault("load_errors", []).append(f"{p.name}: {err}"[:200])
-        text = Path(result["attempts"][-1]["log"]).read_text(errors="replace")
-        row.update(result)
-        row.update({"complete": [p.name for p in complete], "incomplete": incomplete, "loadable": loads,
-                    "says_no_space": "No space left" in text or "ENOSPC" in text or "disk" in text.lower(),
-                    "names_intact_checkpoint": any(p.name in text for p in complete) and "resum" in text,
-                    "tracebacks": text.count("Traceback"), "log_lines": len(text.splitlines())})
-        row["previous_intact"] = bool(complete) and len(loads) == len(complete)
+                    load(str(p))
+                    ckpt.read_main_files(p)
+                    loads.append(p.name)
+                except Exception as err:  # noqa: BLE001
+                    row.setdefault("load_errors", []).append(f"{p.name}: {err}"[:200])
+            text = Path(result["attempts"][-1]["log"]).read_text(errors="replace")
+            final = "\n".join(text.splitlines()[-20:])
+            row.update(result)
+            row.update({"rc": result["attempts"][-1]["rc"], "complete": [p.name for p in complete],
+                        "incomplete": incomplete, "loadable": loads, "left_behind": _listing(out),
+                        "says_no_space": "No space left" in final or "ENOSPC" in final or "disk" in final.lower(),
+                        "final_lines_name_intact_checkpoint": any(p.name in final for p in complete),
+                        "tracebacks": text.count("Traceback"), "output_lines": len(text.splitlines()),
+                        "restarts_by_ray_train": text.count("resumed from") // max(1, workers)})
+            row["previous_intact"] = bool(complete) and len(loads) == len(complete)
+            # Space freed: the same command again resumes and finishes with the reference's weights.
+            subprocess.run(["mount", "-o", f"remount,size={size * 4}", str(out)], capture_output=True)
+            (trial_dir / "rerun").mkdir()
+            again = run_trial("pretrain", args, out, trial_dir / "rerun", tag, cluster, None, None, timeout,
+                              random.Random(0))
+            ref_out = Path(ref["out"])
+            if workers != 2:  # the reference ran 2 workers: an undisturbed run with these workers, on a roomy disk
+                ref_out = trial_dir / "reference" / "out"
+                ref_out.parent.mkdir()
+                run_trial("pretrain", [a if not a.startswith("output_dir=") else f"output_dir={ref_out}" for a in args],
+                          ref_out, ref_out.parent, tag, cluster, None, None, timeout, random.Random(0))
+        row["rerun_rc"] = again["attempts"][-1]["rc"]
+        row["rerun_hang"] = again["hang"]
+        if row["rerun_rc"] == 0:
+            same, why = _same_tensors(_tensors(out / "last" / "model.safetensors"),
+                                      _tensors(ref_out / "last" / "model.safetensors"))
+            row["rerun_identical"], row["rerun_note"] = same, why
+            summary = json.loads((out / "train_summary.json").read_text())
+            row["rerun_updates"], row["rerun_resumes"] = summary.get("updates"), summary.get("resumes")
+        else:
+            row["rerun_tail"] = again["attempts"][-1]["tail"]
     return row
 
 
@@ -818,8 +912,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for command in commands + (["pretrain"] if args.disk_full and "pretrain" not in commands else []):
         print(f"reference {command} ...", flush=True)
         refs[command] = reference(command, inputs, work, args.timeout)
-        print(f"  {refs[command]['seconds']} s; Ray processes seen: {', '.join(refs[command]['processes'])}",
-              flush=True)
+        print(f"  {refs[command]['seconds']} s, progress {refs[command].get('progress')} units; victims seen at "
+              f"progress {refs[command].get('windows')}", flush=True)
     rows: list[dict] = []
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], "work": str(work),
                "load": os.getloadavg(), "references": refs, "trials": rows}
@@ -834,12 +928,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"budget of {args.budget:.0f} s spent: stopping after {n} round(s)", flush=True)
             break
         for command in commands:
-            kinds = [k for k in TARGETS[command] if not args.targets or k in args.targets]
+            kinds = [k for k in TARGETS[command] + EXTRA_TARGETS.get(command, ())
+                     if (not args.targets and k in TARGETS[command]) or (args.targets and k in args.targets)]
             if not kinds:
                 continue
             kind = rng.choice(kinds)
-            moment = Moment(seconds=rng.uniform(0.1, 0.85) * refs[command]["seconds"])
-            print(f"[{command} {n + 1}/{args.trials}] kill {kind} from {moment.seconds:.1f}s", flush=True)
+            moment = random_moment(kind, refs[command], rng)
+            print(f"[{command} {n + 1}/{args.trials}] kill {kind} {moment.describe()}", flush=True)
             row = one_trial(command, n, kind, moment, inputs, work, refs[command], args.timeout, args.embed_tol,
                             rng)
             rows.append(row)
@@ -854,7 +949,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"disk full during a checkpoint ({workers} Ray Train workers) ...", flush=True)
             row = disk_full(inputs, work, refs["pretrain"], args.timeout, workers)
             results["disk_full"].append(row)
-            print("  " + json.dumps({k: v for k, v in row.items() if k != "attempts"}, default=str)[:1200], flush=True)
+            print("  " + json.dumps({k: v for k, v in row.items() if k not in ("attempts", "rerun_tail")},
+                                    default=str)[:1500], flush=True)
             if row.get("attempts"):
                 print("  last lines:\n    " + row["attempts"][-1]["tail"].replace("\n", "\n    ")[-1500:], flush=True)
             save()

@@ -84,7 +84,7 @@ def setup(tmp_path_factory):
 def test_pretraining_killed_mid_run_completes_bit_identical(setup, kind):
     work, inputs, ref = setup
     # Mid-run: once the first checkpoint (update 2 of 8) is complete.
-    row = chaos.one_trial("pretrain", 0, kind, chaos.Moment(after_checkpoint=2), inputs, work, ref,
+    row = chaos.one_trial("pretrain", 0, kind, chaos.Moment(after_progress=2), inputs, work, ref,
                           TRIAL_TIMEOUT, 0.0, random.Random(0), verbose=False)
     tails = "\n---\n".join(a["tail"] for a in row["attempts"])
     assert row["kill"]["done_at"] is not None, f"no {kind} was found to kill: {row['kill']}"
@@ -97,6 +97,18 @@ def test_pretraining_killed_mid_run_completes_bit_identical(setup, kind):
         assert len(row["attempts"]) == 1, "Ray Train's restart must finish the run without the user"
     assert not row["check"]["lost"], row["check"]["lost"]
     assert row["check"]["identical"], row["check"]["notes"]
+
+
+@pytest.mark.slow
+@pytest.mark.chaos
+@pytest.mark.timeout(600)
+def test_losing_the_stop_flag_actor_does_not_end_training_early(setup):
+    """What the second node's loss did in benchmarks/chaos.py: the StopFlag actor was on that node."""
+    work, inputs, ref = setup
+    row = chaos.one_trial("pretrain", 1, "stop_flag", chaos.Moment(after_progress=2), inputs, work, ref,
+                          TRIAL_TIMEOUT, 0.0, random.Random(0), verbose=False)
+    assert row["kill"]["done_at"] is not None and not row["hang"] and row["completed"], row["attempts"]
+    assert row["check"]["identical"], row["check"]
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ def test_layer_numbers_resolve_and_out_of_range_is_a_config_error():
 def test_precision_auto_resolves_by_device_and_cpu_features(monkeypatch, caplog):
     resolve = precision_mod.resolve_precision
     monkeypatch.setattr(precision_mod, "cpu_bf16_features", lambda: ("amx_bf16", "avx512_bf16"))
-    with caplog.at_level("INFO", logger="speech_ssl.precision"):
+    with caplog.at_level("DEBUG", logger="speech_ssl.precision"):
         assert resolve("auto", "cpu") == "bf16"
     assert "amx_bf16" in caplog.text  # the detected features are logged
     embedder = Embedder(build("tiny"))  # the default is auto

@@ -36,6 +36,7 @@ from speech_ssl.errors import Interrupted, SpeechSSLError, signal_name
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NOT_RETRIED = (SpeechSSLError, ConfigError)
+log = logging.getLogger(__name__)
 RAY_TRAIN_FN_LOGGER = "ray.train.v2._internal.util"  # logs "Error in training function" + traceback
 
 
@@ -180,8 +181,14 @@ class StopFlag:
 
 
 def start_stop_flag(stop: StopRequest):
-    """A StopFlag actor that ``stop`` forwards signals to (owned by the driver: it ends with the command)."""
-    flag = StopFlag.remote()
+    """A StopFlag actor that ``stop`` forwards signals to (owned by the driver: it ends with the command).
+
+    It lives on the driver's node: a flag on another node would die with that node, and a node loss must
+    be a restart from the last checkpoint, never a stop."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    flag = StopFlag.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
     stop.forward_to(flag)
     return flag
 
@@ -201,8 +208,17 @@ class StopWatch:
         if self._seen or self._pending is None:
             return self._seen
         ready, _ = ray.wait([self._pending], timeout=0)
-        self._seen = bool(ready)
-        return self._seen
+        if not ready:
+            return False
+        try:
+            ray.get(self._pending)
+        except ray.exceptions.RayError as err:  # the flag is gone (its node died): that is no stop request
+            log.warning("the run's stop flag is lost (%s); training goes on, a stop now ends it at once",
+                        type(err).__name__)
+            self._pending = None
+            return False
+        self._seen = True
+        return True
 
 
 # --------------------------------------------------------------------------------------------------

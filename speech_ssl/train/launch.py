@@ -158,6 +158,9 @@ def run_training(task: Task, cfg: TrainerConfig, output_dir: str | Path) -> dict
             _gather_run_files(root, work)
             _finalise_pointers(work, root, {}, model_only=storage.is_uri(location))
             raise stop.interrupted(f"stopped by {signal_name(stop.signum)}; {resume_point(root)}")
+        if summary.get("updates", cfg.max_updates) < cfg.max_updates:  # never a quiet success when short
+            raise SpeechSSLError(f"training ended after {summary['updates']} of {cfg.max_updates} updates "
+                                 f"without a stop request; {resume_point(root)}")
         _gather_run_files(root, work)
         _finalise_pointers(work, root, summary, model_only=storage.is_uri(location))
         (work / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
