@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast test-chaos bench clean
+.PHONY: setup demo test test-fast test-chaos bench wheel clean
 
 # Creates .venv and installs the package (editable) with its dev and decode extras.
 $(STAMP): pyproject.toml
@@ -30,6 +30,12 @@ test-fast: $(STAMP)
 # The chaos trials of tests/test_chaos.py (a few minutes); benchmarks/chaos.py is the full measurement.
 test-chaos: $(STAMP)
 	$(BIN)/python -m pytest -q -m chaos tests/test_chaos.py
+
+# The wheel in dist/, configs and demo corpus inside: `pip install dist/speech_ssl-0.1.0-py3-none-any.whl`
+# works in any environment (docs/INSTALL.md). build/ goes first: setuptools would ship stale files from it.
+wheel: $(STAMP)
+	rm -rf build dist/speech_ssl-*.whl
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w dist .
 
 bench: $(STAMP)
 	@echo "benchmarks are scripts: see benchmarks/README.md"

@@ -40,7 +40,7 @@ def stages(cfg) -> list[Stage]:
     if cfg.cache:
         cached = str(out / "cache" / "unlabeled")
         cc = cache.Config(input=unlabeled, output=cached, model=cfg.pretrain.model,
-                          model_overrides=dict(cfg.pretrain.model_overrides), sample_rate=cfg.pretrain.data.sample_rate,
+                          model_overrides=cfg.pretrain.model_overrides, sample_rate=cfg.pretrain.data.sample_rate,
                           segment_duration=cfg.pretrain.data.segment_duration, extensions=cfg.pretrain.data.extensions,
                           ray=cfg.ray)
         caching = [Stage("cache", cache.run, cc, needs=["prepare"], provides=["unlabeled"])]

@@ -10,6 +10,9 @@ so the rules for what a valid configuration is live in one place: the dataclass 
   overrides are checked this way before Hydra sees them).
 * ``to_dict(obj)`` turns a dataclass back into plain JSON-ready data (saved beside every output).
 
+A dataclass may name keys it no longer has in a class attribute ``__moved_keys__`` (``{"old": "new.key"}``,
+the new key beside the class's own): the old key then fails with a ConfigError naming the new one.
+
 A field can carry ``metadata={"choices": [...]}`` (or a zero-argument callable returning them) for
 string fields whose valid values are known at run time, such as model preset names, and
 ``metadata={"min": 1}`` / ``{"max": ...}`` (inclusive bounds) for numbers: ``trainer.max_updates=-5`` then
@@ -62,6 +65,10 @@ def _field_choices(field: dataclasses.Field) -> list[Any] | None:
 
 
 def _unknown_key(cls: type, key: str, full_key: str) -> ConfigError:
+    moved = getattr(cls, "__moved_keys__", {}).get(key)
+    if moved:  # a key that moved (``__moved_keys__``: old name -> new key, beside the class's own key)
+        new_key = _join(".".join(full_key.split(".")[:-2]), moved)
+        return ConfigError(full_key, f"no longer a key: this setting is {new_key} (one key per setting).")
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""

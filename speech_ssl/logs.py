@@ -97,12 +97,26 @@ class _LogFile:
         text = strip_ansi(text)
         if not text.endswith("\n"):
             text += "\n"
-        with self._lock, contextlib.suppress(ValueError):  # closed: a late line from a Ray thread
-            self._file.write(text)
+        with self._lock:
+            try:
+                self._file.write(text)
+            except ValueError:  # closed: a late line from a Ray thread
+                pass
+            except OSError as err:  # e.g. a full disk: Ray's lines are lost, never the run
+                self._failed(err)
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as err:
+                self._failed(err)
+
+    def _failed(self, err: OSError) -> None:
+        if not getattr(self, "_told", False):
+            self._told = True
+            print(f"speech-ssl: Ray's log file {self.path} cannot be written ({err.strerror}); its lines are "
+                  "dropped from here on", file=sys.stderr, flush=True)
 
 
 class _FileHandler(logging.Handler):

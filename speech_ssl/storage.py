@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pyarrow.fs as pafs
 
@@ -66,13 +66,17 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def join(location: str | os.PathLike, *parts: str) -> str:
-    """``location/part/...`` (a URI's query string stays at the end)."""
-    text = str(location)
-    query = ""
+def _split_query(text: str) -> tuple[str, str]:
+    """A URI's query string (``?endpoint_override=...``) apart from its path, to keep at the end."""
     if is_uri(text) and "?" in text:
         text, query = text.split("?", 1)
-        query = "?" + query
+        return text, "?" + query
+    return text, ""
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """``location/part/...`` (a URI's query string stays at the end)."""
+    text, query = _split_query(str(location))
     if not is_uri(text):
         text = normalize(text)
     for part in parts:
@@ -86,11 +90,7 @@ def name_of(location: str | os.PathLike) -> str:
 
 
 def parent_of(location: str | os.PathLike) -> str:
-    text = str(location)
-    query = ""
-    if is_uri(text) and "?" in text:
-        text, query = text.split("?", 1)
-        query = "?" + query
+    text, query = _split_query(str(location))
     if not is_uri(text):
         return str(Path(normalize(text)).parent)
     return text.rstrip("/").rsplit("/", 1)[0] + query
@@ -166,19 +166,24 @@ def _temp_name(path: str) -> str:
     return f"{head}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
 
 
+def _replace_locally(path: str, fill: Callable[[str], Any]) -> None:
+    """Write a local file through a temporary name beside it (``fill(tmp)``), then rename it into place."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        _silently(os.remove, tmp)
+        raise
+
+
 def put_file(local_file: str | os.PathLike, location: str | os.PathLike) -> str:
     """Copy a complete local file to ``location`` atomically; returns ``location``."""
     fs, path = filesystem(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = _temp_name(path)
-        try:
-            shutil.copyfile(local_file, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            _silently(os.remove, tmp)
-            raise
+        _replace_locally(path, lambda tmp: shutil.copyfile(local_file, tmp))
         return str(location)
     if is_object_store(fs):  # one upload of the whole object: visible only once complete
         with open(local_file, "rb") as src, fs.open_output_stream(path) as dst:
@@ -200,16 +205,7 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> str:
     """Write ``data`` to ``location`` atomically (see the module doc); returns ``location``."""
     fs, path = filesystem(location)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = _temp_name(path)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            _silently(os.remove, tmp)
-            raise
+        _replace_locally(path, lambda tmp: Path(tmp).write_bytes(data))
         return str(location)
     with tempfile.NamedTemporaryFile(prefix="speech-ssl-put-") as f:
         f.write(data)

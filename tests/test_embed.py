@@ -159,8 +159,7 @@ def test_bf16_embedder_casts_weights_once_and_buckets_shapes_without_changing_re
     """In bf16 on a CPU the Embedder keeps its own copy of the encoder with the matmul weights in bf16 (the
     caller's model stays fp32) and pads GEMM rows and Transformer frames to bucketed lengths; the
     embeddings are bit for bit those of autocast over the caller's fp32 model without any padding."""
-    import speech_ssl.embed.embedder as embedder_mod
-    import speech_ssl.models.frontend as frontend
+    import speech_ssl.models.fastpath as fastpath
     from speech_ssl.models.fastpath import bucketed_length
 
     _, m = model
@@ -176,8 +175,7 @@ def test_bf16_embedder_casts_weights_once_and_buckets_shapes_without_changing_re
     batch, lens = padded(waves_of(lengths, seed=12))
     fast = embedder(batch, lens)
     embedder.encoder = m.encoder  # the caller's fp32 weights, cast by autocast at every product
-    for module in (frontend, embedder_mod):
-        monkeypatch.setattr(module, "bucketed_length", lambda n, per_octave=16: n)
+    monkeypatch.setattr(fastpath, "bucketed_length", lambda n, per_octave=16: n)
     plain = embedder(batch, lens)
     for b in range(len(lengths)):
         for layer in embedder.layers:

@@ -50,7 +50,7 @@ def trained(ray_local, toy, tmp_path_factory):
                  f"data.valid={toy['test']}", "data.batch_seconds=6", "trainer.num_workers=0",
                  "trainer.max_updates=120", "trainer.log_every=20", "trainer.validate_every=60",
                  "trainer.checkpoint_every=60", "trainer.optim.lr=1.5e-3", "ctc.freeze_updates=0",
-                 "ctc.mask_prob=0", "ctc.mask_channel_prob=0", "ctc.select_by=valid_cer"])
+                 "model_overrides.mask_prob=0", "model_overrides.mask_channel_prob=0", "ctc.select_by=valid_cer"])
     assert code == 0
     return out
 
@@ -241,13 +241,14 @@ def test_init_from_a_transformers_directory(small, tmp_path):
     """``init`` may be a transformers model directory: the CTC model starts from its encoder weights."""
     from speech_ssl.data import DataConfig, Vocabulary
     from speech_ssl.models import export_hf, load
-    from speech_ssl.train.tasks.ctc import CTCTask
+    from speech_ssl.train.tasks.ctc import CTCTask, FinetuneModelOverrides, finetune_model_config, init_model_config
 
     source = load(small["init"])
     export_hf(source, tmp_path / "hf")
     vocab = Vocabulary.build(["AB CD"])
-    task = CTCTask(init=str(tmp_path / "hf"), model="tiny", data=DataConfig(), train=[], valid=None, vocab=vocab,
-                   ctc=CTCConfig(mask_prob=0.3))
+    base, finetuned = init_model_config(str(tmp_path / "hf"))  # a pretraining model: the fine-tuning layer applies
+    config = finetune_model_config(base, FinetuneModelOverrides(mask_prob=0.3), base_is_finetuned=finetuned)
+    task = CTCTask(init=str(tmp_path / "hf"), model_config=config, data=DataConfig(), train=[], valid=None, vocab=vocab)
     model = task.build_model()
     assert model.vocab_size == len(vocab) and model.config.mask_prob == 0.3 and model.config.dropout == 0.0
     theirs = source.encoder.state_dict()

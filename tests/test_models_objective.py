@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -277,7 +278,7 @@ def test_randomness_comes_from_torch_rng_state():
 # ---------------------------------------------------------------------------------------------------
 
 def test_cpu_dropout_keeps_the_right_fraction_and_scales():
-    from speech_ssl.models.dropout import dropout
+    from speech_ssl.models.fastpath import dropout
 
     torch.manual_seed(12)
     x = torch.ones(400_000)
@@ -303,7 +304,7 @@ def test_training_attention_path_matches_sdpa():
 
 
 def test_channels_last_convolution_matches_conv1d():
-    from speech_ssl.models.frontend import ChannelNormOverTime, StridedConv
+    from speech_ssl.models.fastpath import ChannelNormOverTime, StridedConv
 
     torch.manual_seed(14)
     for channels, kernel, stride in ((1, 10, 5), (4, 3, 2), (4, 2, 2), (3, 3, 1)):
@@ -322,6 +323,29 @@ def test_channels_last_convolution_matches_conv1d():
     assert (ChannelNormOverTime.apply(x, w, b, 1e-5) - group_norm).abs().max() < 1e-10
     assert torch.autograd.gradcheck(lambda x, w, b: ChannelNormOverTime.apply(x, w, b, 1e-5), (x, w, b),
                                     fast_mode=True)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "fbank-tiny"])
+def test_front_end_with_lengths_gives_each_row_its_own_group_norm(preset):
+    """``extract_features(..., exact_padding=True)``: the group norm over each row's valid steps (the
+    waveform block's folded GEMM, or conv + masked norm), so a padded row's valid frames are those it has
+    alone, through our kernels and through the generic ops alike."""
+    from speech_ssl.models.fastpath import generic_ops
+
+    torch.manual_seed(18)
+    encoder = build(preset, conv_norm="group", conv_bias=False).encoder.eval()
+    rows = [torch.randn(n) * 0.3 for n in (8000, 5333)] if preset == "tiny" else [torch.randn(n, 80) for n in (90, 61)]
+    batch = torch.zeros(2, *rows[0].shape)
+    batch[1, :len(rows[1])] = rows[1]
+    batch[0] = rows[0]
+    lengths = torch.tensor([len(r) for r in rows])
+    for generic in (False, True):
+        with torch.no_grad(), (generic_ops() if generic else contextlib.nullcontext()):
+            feats = encoder.extract_features(batch, lengths, exact_padding=True)
+            alone = encoder.extract_features(rows[1][None]).features[0]
+            naive = encoder.extract_features(batch, lengths).features[1, :len(alone)]
+        assert (feats.features[1, :len(alone)] - alone).abs().max() < 1e-4, generic
+        assert (naive - alone).abs().max() > 1e-2  # without the lengths the padding shows: the test can tell
 
 
 @pytest.mark.parametrize("preset", ["tiny", "fbank-tiny"])
@@ -383,7 +407,7 @@ def test_bf16_front_end_with_bucketed_rows_is_unchanged(norm, monkeypatch):
     """Under CPU bf16 autocast the front end pads each GEMM's rows to a bucketed length (a kernel shape
     oneDNN has compiled before) and cuts them off again: features and gradients are those of the unpadded
     products, to bf16 rounding (a GEMM of another shape may block its sums differently)."""
-    import speech_ssl.models.frontend as frontend
+    import speech_ssl.models.fastpath as fastpath
     from speech_ssl.models.fastpath import bucketed_length
 
     torch.manual_seed(14)
@@ -400,7 +424,7 @@ def test_bf16_front_end_with_bucketed_rows_is_unchanged(norm, monkeypatch):
 
     padded_y, padded_grads = run()
     calls = []
-    monkeypatch.setattr(frontend, "bucketed_length", lambda n: calls.append(n) or n)
+    monkeypatch.setattr(fastpath, "bucketed_length", lambda n: calls.append(n) or n)
     plain_y, plain_grads = run()
     assert calls, "the bucketing was not asked for"
     assert any(bucketed_length(n) != n for n in calls), "no length was padded: the test tests nothing"

@@ -178,7 +178,7 @@ def _pretrain_in_process(cfg: pretrain.Config) -> dict:
     from speech_ssl.train.launch import run_training
     from speech_ssl.train.tasks.pretrain import PretrainTask
 
-    task = PretrainTask(model=cfg.model, data=cfg.data, train=read_source(cfg.data.train),
+    task = PretrainTask(model_config=pretrain.model_config(cfg), data=cfg.data, train=read_source(cfg.data.train),
                         warmup_updates=cfg.trainer.optim.warmup_updates, monitor=pretrain.build_monitor(cfg))
     return run_training(task, cfg.trainer, Path(cfg.output_dir))
 

@@ -259,3 +259,24 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
         assert valid[p] < 0.2 * first[p], (p, valid[p], first[p])
     assert abs(valid["bf16"] - valid["fp32"]) < 0.1 * valid["fp32"] + 0.02, valid
     assert valid["bf16"] != valid["fp32"]  # bf16 rounding shows: autocast was on, in training and validation
+
+
+def test_a_full_disk_is_one_error_naming_the_intact_checkpoint_and_the_rerun_resumes(tmp_path):
+    import errno
+
+    class FullAfterFirst(LocalContext):
+        saves = 0
+
+        def save_checkpoint(self, name, write, metrics):
+            FullAfterFirst.saves += 1
+            if FullAfterFirst.saves > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().save_checkpoint(name, write, metrics)
+
+    with pytest.raises(SpeechSSLError) as info:
+        train(RegressionTask(), _cfg(max_updates=12), FullAfterFirst(str(tmp_path)), tmp_path)
+    message = str(info.value)
+    assert "no space left" in message and "checkpoint_00000008" in message
+    assert f"newest complete checkpoint is {tmp_path / 'checkpoint_00000004'}" in message
+    summary = _run(RegressionTask(), _cfg(max_updates=12), tmp_path)  # space freed: the same run resumes
+    assert summary["resumes"] == 1 and summary["updates"] == 12

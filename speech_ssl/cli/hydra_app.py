@@ -12,11 +12,17 @@ from speech_ssl.stages import COMMANDS
 
 
 def _find_conf_dir() -> Path:
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "conf", here.parents[1] / "conf"):
-        if (candidate / "pretrain" / "config.yaml").exists():
-            return candidate
-    raise RuntimeError(f"speech-ssl cannot find its conf/ directory near {here}")
+    """The Hydra configs: ``speech_ssl/conf`` inside the package, which is where an installed wheel has them
+    (in a checkout it is a link to the top-level ``conf/``: see [tool.setuptools.package-data] in
+    pyproject.toml); the checkout's ``conf/`` itself where that link was not made (a clone without symlinks)."""
+    from importlib.resources import files
+
+    package = Path(str(files("speech_ssl"))).resolve()
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "pretrain" / "config.yaml").is_file():
+            return candidate.resolve()
+    raise RuntimeError(f"speech-ssl cannot find its configs: no conf/ in {package} (a wheel built without its "
+                       f"package data?) nor beside it")
 
 
 CONF_DIR = _find_conf_dir()

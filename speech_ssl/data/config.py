@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+# The files a directory or listing is read for, unless a stage's ``extensions`` says otherwise.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")
+
 
 @dataclass
 class TextConfig:
@@ -75,6 +78,6 @@ class DataConfig:
     read_threads: int = 1
     buffer_mb: int = 256
     stall_timeout_s: float = 300.0
-    extensions: list[str] = field(default_factory=lambda: [".wav", ".flac", ".ogg", ".opus", ".mp3"])
+    extensions: list[str] = field(default_factory=lambda: list(AUDIO_EXTENSIONS))
     tsv_sample_rate: int = 16000
     text: TextConfig = field(default_factory=TextConfig)

@@ -30,11 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
+from speech_ssl.data.config import AUDIO_EXTENSIONS
 from speech_ssl.data.audio import is_uri, probe_header, split_uri, within_timeout
 from speech_ssl.data.report import QuarantineError
 from speech_ssl.errors import SpeechSSLError
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")
 MANIFEST_SUFFIXES = (".jsonl", ".json")
 PROBE_THREADS = 8
 

@@ -10,9 +10,10 @@ Pure PyTorch (no Ray), so it can be measured on any machine alone; the Ray Data 
   Negative layers count from the end (-1 is the last layer).
 * Padding never changes a valid frame, in either front-end norm mode. Layer-norm front ends are exact
   under padding anyway. A group-norm front end (wav2vec 2.0 BASE) normalises each channel over time, so
-  fairseq and transformers give a padded utterance different features; here that norm takes its
-  statistics over each utterance's valid steps only (``masked_channel_norm``), which is what the
-  utterance gets alone. The Transformer masks padded keys (``scaled_dot_product_attention``) and
+  fairseq and transformers give a padded utterance different features; here the model's own front end
+  runs with the lengths (``extract_features(..., exact_padding=True)``), and its group norm takes its
+  statistics over each utterance's valid steps only, which is what the utterance gets alone. The
+  Transformer masks padded keys (``scaled_dot_product_attention``) and
   zeroes padded frames before the positional convolution. So bucketed, padded batches are safe for
   every model, and a batch whose rows all have one length runs without any mask.
 * ``pooling="mean"`` averages each utterance's valid frames (in fp32) on the device before the copy.
@@ -54,13 +55,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from speech_ssl.config import ConfigError
-from speech_ssl.models import Wav2Vec2Model, load
-from speech_ssl.models.fastpath import bucketed_length
-from speech_ssl.models.frontend import conv_output_lengths
+from speech_ssl.models import Wav2Vec2Model, fastpath, load
+from speech_ssl.models.fastpath import masked_channel_norm
 from speech_ssl.models.masking import padding_mask_from_lengths
 from speech_ssl.models.wav2vec2 import FeatureOutput
 from speech_ssl.precision import PRECISIONS, autocast, resolve_precision
@@ -99,7 +98,7 @@ def matmul_weights_in(encoder: Wav2Vec2Model, dtype: torch.dtype) -> Wav2Vec2Mod
 
     encoder = copy.deepcopy(encoder)
     for module in encoder.modules():
-        if isinstance(module, torch.nn.Linear) or (isinstance(module, ConvBlock) and module.weight.shape[1] > 1):
+        if isinstance(module, torch.nn.Linear) or (isinstance(module, ConvBlock) and module.in_channels > 1):
             module.weight.data = module.weight.data.to(dtype)
             if module.bias is not None:
                 module.bias.data = module.bias.data.to(dtype)
@@ -121,67 +120,15 @@ def resolve_layers(layers: Sequence[int], num_layers: int) -> list[int]:
     return sorted(resolved)
 
 
-def masked_channel_norm(x: Tensor, lengths: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """GroupNorm with one group per channel over the valid steps of each row. x [B, T, C] channels-last.
-
-    Mean and (biased) variance over ``lengths[b]`` steps of row ``b``, accumulated in fp32: a padded row
-    gets the statistics it has alone. Padded steps get normalised too (their values are never read by a
-    valid output frame of the convolutions that follow). Three passes over x (masked copy, squares,
-    output) and no fp32 copy of a bf16 input: this tensor is the largest of the whole model (512
-    channels at 3.2 kHz for BASE). E[x^2] - E[x]^2 is accurate here: conv outputs have near-zero mean.
-    """
-    valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1)  # [B, T, 1]
-    count = lengths.clamp(min=1).to(torch.float32)[:, None, None]
-    masked = x * valid.to(x.dtype)
-    mean = masked.sum(dim=1, keepdim=True, dtype=torch.float32) / count
-    var = (masked * masked).sum(dim=1, keepdim=True, dtype=torch.float32) / count - mean * mean
-    scale = torch.rsqrt(var.clamp(min=0) + eps) * weight.float()
-    shift = bias.float() - mean * scale
-    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
-
-
-def _convolve(block: torch.nn.Module, x: Tensor) -> Tensor:
-    """The convolution of a front-end block alone (no norm, no GELU), channels-last [B, T, C] in and out.
-
-    Only the block's parameters are used (a ``conv`` Conv1d, or a tap-major ``weight`` [k, C_in, C_out]
-    with ``bias`` and ``stride``), so this does not depend on how the model computes its convolutions.
-    """
-    conv = getattr(block, "conv", None)
-    if isinstance(conv, torch.nn.Conv1d):
-        weight, bias, stride = conv.weight, conv.bias, conv.stride[0]
-    else:
-        weight, bias, stride = block.weight.permute(2, 1, 0), block.bias, block.stride
-    return F.conv1d(x.transpose(1, 2), weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
-                    stride=stride).transpose(1, 2)
-
-
 def exact_features(encoder: Wav2Vec2Model, inputs: Tensor, lengths: Optional[Tensor],
                    drop_unused_mask: bool = True) -> FeatureOutput:
-    """The front end + feature LayerNorm, giving every valid frame the value it has without padding.
+    """The front end + feature LayerNorm, giving every valid frame the value it has without padding
+    (``encoder.extract_features`` with ``exact_padding``: a group norm over each row's valid steps).
 
-    Front ends without a group norm are exact as they are (``encoder.extract_features``). With one, the
-    blocks are run here with ``masked_channel_norm`` in place of the group norm (same parameters).
     ``drop_unused_mask``: a padding mask without a padded frame becomes None (a host synchronisation;
     the Embedder decides that on the host from the lengths instead, and passes False).
     """
-    frontend = encoder.feature_encoder
-    has_group_norm = any(getattr(block, "norm_kind", None) == "group" for block in frontend.layers)
-    if lengths is None or not has_group_norm:
-        feats = encoder.extract_features(inputs, lengths)
-    else:
-        x = inputs.unsqueeze(-1) if frontend.frontend == "conv" else inputs  # channels-last [B, T, C]
-        steps = lengths.to(inputs.device).long()
-        for block, kernel, stride in zip(frontend.layers, frontend.kernels, frontend.strides):
-            steps = conv_output_lengths(steps, [kernel], [stride])
-            if block.norm_kind == "group":
-                x = F.gelu(masked_channel_norm(_convolve(block, x), steps, block.norm.weight, block.norm.bias,
-                                               block.norm.eps))
-            else:
-                x = block(x)
-        time = x.shape[1]
-        steps = steps.clamp(max=time)
-        feats = FeatureOutput(encoder.feature_norm(x), padding_mask_from_lengths(steps, time), steps,
-                              x.new_zeros(()))
+    feats = encoder.extract_features(inputs, lengths, exact_padding=True)
     if drop_unused_mask and feats.padding_mask is not None and not bool(feats.padding_mask.any()):
         # Rows of one length: no mask, so attention can take its fastest kernel.
         feats = FeatureOutput(feats.features, None, feats.lengths, feats.feature_penalty)
@@ -299,9 +246,7 @@ class Embedder:
                 # The front end on each row's valid part alone, padded back into a batch of features.
                 row_lengths = [width] * batch if host_lengths is None else host_lengths.tolist()
                 rows = [self._row_features(inputs[b:b + 1, :n]) for b, n in enumerate(row_lengths)]
-                time = max(frames)
-                if self.device.type == "cpu" and self.precision != "fp32":
-                    time = bucketed_length(time)  # a shape oneDNN has compiled before: padding, masked
+                time = fastpath.padded_length(max(frames), rows[0])  # CPU bf16: a bucketed length, masked
                 features = rows[0].new_zeros(batch, time, rows[0].shape[-1])
                 for b, row in enumerate(rows):
                     features[b, : row.shape[1]] = row[0]

@@ -11,29 +11,26 @@ from __future__ import annotations
 
 from typing import Any, Union
 
-from speech_ssl.config import ConfigError
 from speech_ssl.models.checkpoint import (export_hf, from_torchaudio, load, save_model,
                                           to_torchaudio_state_dict)
-from speech_ssl.models.config import ModelConfig, make_config
+from speech_ssl.models.config import ModelConfig, ModelOverrides, make_config, resolve_config
 from speech_ssl.models.ctc import CTCOutput, Wav2Vec2ForCTC
 from speech_ssl.models.presets import PRESET_NAMES, PRESETS
 from speech_ssl.models.wav2vec2 import (EncoderOutput, PretrainingOutput, Wav2Vec2ForPreTraining, Wav2Vec2Model,
                                         padding_is_exact)
 
 __all__ = [
-    "ModelConfig", "PRESETS", "PRESET_NAMES", "build", "build_ctc", "build_config", "load", "save_model",
+    "ModelConfig", "ModelOverrides", "resolve_config", "PRESETS", "PRESET_NAMES", "build", "build_ctc",
+    "build_config", "load", "save_model",
     "export_hf", "from_torchaudio", "to_torchaudio_state_dict", "Wav2Vec2Model", "Wav2Vec2ForPreTraining",
     "Wav2Vec2ForCTC", "EncoderOutput", "PretrainingOutput", "CTCOutput", "padding_is_exact",
 ]
 
 
 def build_config(preset: Union[str, ModelConfig], **overrides: Any) -> ModelConfig:
-    """A preset's (or a given) config with overrides; unknown names raise ConfigError listing the valid ones."""
-    if isinstance(preset, ModelConfig):
-        return preset.replace(**overrides) if overrides else preset
-    if preset not in PRESETS:
-        raise ConfigError("model", f"unknown model preset {preset!r}.", PRESET_NAMES)
-    return PRESETS[preset].replace(**overrides)
+    """A preset's (or a given) config with overrides (:func:`resolve_config`); unknown names raise ConfigError
+    listing the valid ones."""
+    return resolve_config(preset, overrides, key="")
 
 
 def build(preset: Union[str, ModelConfig], **overrides: Any) -> Wav2Vec2ForPreTraining:

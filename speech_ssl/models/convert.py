@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from speech_ssl.errors import SpeechSSLError
+from speech_ssl.models import fastpath
 from speech_ssl.models.config import ModelConfig, make_config
 
 # ----------------------------------------------------------------------------------------------------
@@ -66,11 +67,12 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> Optional[str]:
 _OUR_CONV_WEIGHT = re.compile(r"feature_encoder\.layers\.\d+\.weight")
 
 
-def _conv_layout(our_key: str, value: Tensor) -> Tensor:
-    """Conv1d weights [C_out, C_in, k] <-> ours, tap-major [k, C_in, C_out] (the permutation is its own inverse)."""
-    if _OUR_CONV_WEIGHT.fullmatch(our_key):
-        return value.permute(2, 1, 0).contiguous()
-    return value
+def _conv_layout(our_key: str, value: Tensor, to_ours: bool) -> Tensor:
+    """A front-end convolution weight from Conv1d's layout to our kernels' (``to_ours``) or back; other
+    tensors as they are."""
+    if not _OUR_CONV_WEIGHT.fullmatch(our_key):
+        return value
+    return fastpath.conv_weight_from_conv1d(value) if to_ours else fastpath.conv_weight_to_conv1d(value)
 
 
 def _encoder_from_hf(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
@@ -87,7 +89,7 @@ def _encoder_from_hf(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str
         if name is None:
             unknown.append(key)
         else:
-            out[name] = _conv_layout(name, value)
+            out[name] = _conv_layout(name, value, to_ours=True)
     for (layer, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise SpeechSSLError(f"layer {layer}: attention {kind} needs q, k and v projections; found {sorted(parts)}")
@@ -123,7 +125,7 @@ def _encoder_to_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         name = _rename(key, inverse)
         if name is None:
             raise KeyError(f"no transformers name for {key}")
-        out[name] = _conv_layout(key, value)
+        out[name] = _conv_layout(key, value, to_ours=False)
     return out
 
 
@@ -197,6 +199,47 @@ def _fail_unknown(unknown: list[str]) -> None:
 
 HF_EXTRA_KEY = "speech_ssl_model"  # our full config, kept inside an exported config.json
 
+# Our ModelConfig field -> (transformers' Wav2Vec2Config key, transformers' default): the one map, read in
+# both directions (config_from_hf, config_to_hf).
+HF_FIELDS: dict[str, tuple[str, Any]] = {
+    "conv_channels": ("conv_dim", [512] * 7),
+    "conv_kernels": ("conv_kernel", [10, 3, 3, 3, 3, 2, 2]),
+    "conv_strides": ("conv_stride", [5, 2, 2, 2, 2, 2, 2]),
+    "conv_bias": ("conv_bias", False),
+    "conv_norm": ("feat_extract_norm", "group"),
+    "embed_dim": ("hidden_size", 768),
+    "num_layers": ("num_hidden_layers", 12),
+    "num_heads": ("num_attention_heads", 12),
+    "ffn_dim": ("intermediate_size", 3072),
+    "layer_norm_first": ("do_stable_layer_norm", False),
+    "layer_norm_eps": ("layer_norm_eps", 1e-5),
+    "pos_conv_kernel": ("num_conv_pos_embeddings", 128),
+    "pos_conv_groups": ("num_conv_pos_embedding_groups", 16),
+    "dropout": ("hidden_dropout", 0.1),
+    "attention_dropout": ("attention_dropout", 0.1),
+    "activation_dropout": ("activation_dropout", 0.1),
+    "dropout_input": ("feat_proj_dropout", 0.0),
+    "dropout_features": ("feat_quantizer_dropout", 0.0),
+    "layerdrop": ("layerdrop", 0.1),
+    "final_dropout": ("final_dropout", 0.1),
+    "mask_prob": ("mask_time_prob", 0.05),
+    "mask_length": ("mask_time_length", 10),
+    "mask_min_masks": ("mask_time_min_masks", 2),
+    "mask_channel_prob": ("mask_feature_prob", 0.0),
+    "mask_channel_length": ("mask_feature_length", 10),
+    "num_negatives": ("num_negatives", 100),
+    "logit_temp": ("contrastive_logits_temperature", 0.1),
+    "codebook_groups": ("num_codevector_groups", 2),
+    "codebook_entries": ("num_codevectors_per_group", 320),
+    "codebook_dim": ("codevector_dim", 256),
+    "final_dim": ("proj_codevector_dim", 256),
+    "diversity_weight": ("diversity_loss_weight", 0.1),
+}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """A transformers Wav2Vec2Config dict -> ModelConfig (fields transformers lacks: from our saved copy,
@@ -216,40 +259,13 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         base = dict(feature_grad_scale=1.0 if layer_mode else 0.1,
                     feature_penalty_weight=0.0 if layer_mode else 10.0,
                     temperature_min=0.1 if layer_mode else 0.5)
-    mapped = dict(
-        conv_channels=list(hf.get("conv_dim", [512] * 7)),
-        conv_kernels=list(hf.get("conv_kernel", [10, 3, 3, 3, 3, 2, 2])),
-        conv_strides=list(hf.get("conv_stride", [5, 2, 2, 2, 2, 2, 2])),
-        conv_bias=bool(hf.get("conv_bias", False)),
-        conv_norm=conv_norm,
-        embed_dim=hf.get("hidden_size", 768),
-        num_layers=hf.get("num_hidden_layers", 12),
-        num_heads=hf.get("num_attention_heads", 12),
-        ffn_dim=hf.get("intermediate_size", 3072),
-        layer_norm_first=bool(hf.get("do_stable_layer_norm", False)),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
-        pos_conv_kernel=hf.get("num_conv_pos_embeddings", 128),
-        pos_conv_groups=hf.get("num_conv_pos_embedding_groups", 16),
-        dropout=hf.get("hidden_dropout", 0.1),
-        attention_dropout=hf.get("attention_dropout", 0.1),
-        activation_dropout=hf.get("activation_dropout", 0.1),
-        dropout_input=hf.get("feat_proj_dropout", 0.0),
-        dropout_features=hf.get("feat_quantizer_dropout", 0.0),
-        layerdrop=hf.get("layerdrop", 0.1),
-        final_dropout=hf.get("final_dropout", 0.1),
-        mask_prob=hf.get("mask_time_prob", 0.05) if hf.get("apply_spec_augment", True) else 0.0,
-        mask_length=hf.get("mask_time_length", 10),
-        mask_min_masks=hf.get("mask_time_min_masks", 2),
-        mask_channel_prob=hf.get("mask_feature_prob", 0.0) if hf.get("apply_spec_augment", True) else 0.0,
-        mask_channel_length=hf.get("mask_feature_length", 10),
-        num_negatives=hf.get("num_negatives", 100),
-        logit_temp=hf.get("contrastive_logits_temperature", 0.1),
-        codebook_groups=hf.get("num_codevector_groups", 2),
-        codebook_entries=hf.get("num_codevectors_per_group", 320),
-        codebook_dim=hf.get("codevector_dim", 256),
-        final_dim=hf.get("proj_codevector_dim", 256),
-        diversity_weight=hf.get("diversity_loss_weight", 0.1),
-    )
+    mapped = {ours: hf.get(theirs, default) for ours, (theirs, default) in HF_FIELDS.items()}
+    for key in ("conv_channels", "conv_kernels", "conv_strides"):
+        mapped[key] = list(mapped[key])
+    for key in ("conv_bias", "layer_norm_first"):
+        mapped[key] = bool(mapped[key])
+    if not hf.get("apply_spec_augment", True):
+        mapped["mask_prob"] = mapped["mask_channel_prob"] = 0.0
     base.update(mapped)
     base["frontend"] = "conv"
     return make_config(base)
@@ -272,44 +288,13 @@ def config_to_hf(cfg: ModelConfig, architecture: str, vocab_size: Optional[int] 
     hf = {
         "model_type": "wav2vec2",
         "architectures": [architecture],
-        "hidden_size": cfg.embed_dim,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "intermediate_size": cfg.ffn_dim,
+        **{theirs: _plain(getattr(cfg, ours)) for ours, (theirs, _) in HF_FIELDS.items()},
         "hidden_act": "gelu",
-        "hidden_dropout": cfg.dropout,
-        "activation_dropout": cfg.activation_dropout,
-        "attention_dropout": cfg.attention_dropout,
-        "feat_proj_dropout": cfg.dropout_input,
-        "feat_quantizer_dropout": cfg.dropout_features,
-        "final_dropout": cfg.final_dropout,
-        "layerdrop": cfg.layerdrop,
-        "initializer_range": 0.02,
-        "layer_norm_eps": cfg.layer_norm_eps,
-        "feat_extract_norm": cfg.conv_norm,
         "feat_extract_activation": "gelu",
-        "conv_dim": list(cfg.conv_channels),
-        "conv_kernel": list(cfg.conv_kernels),
-        "conv_stride": list(cfg.conv_strides),
         "num_feat_extract_layers": len(cfg.conv_channels),
-        "conv_bias": cfg.conv_bias,
-        "num_conv_pos_embeddings": cfg.pos_conv_kernel,
-        "num_conv_pos_embedding_groups": cfg.pos_conv_groups,
-        "do_stable_layer_norm": cfg.layer_norm_first,
+        "initializer_range": 0.02,
         "apply_spec_augment": True,
-        "mask_time_prob": cfg.mask_prob,
-        "mask_time_length": cfg.mask_length,
-        "mask_time_min_masks": cfg.mask_min_masks,
-        "mask_feature_prob": cfg.mask_channel_prob,
-        "mask_feature_length": cfg.mask_channel_length,
         "mask_feature_min_masks": 0,
-        "num_codevectors_per_group": cfg.codebook_entries,
-        "num_codevector_groups": cfg.codebook_groups,
-        "contrastive_logits_temperature": cfg.logit_temp,
-        "num_negatives": cfg.num_negatives,
-        "codevector_dim": cfg.codebook_dim,
-        "proj_codevector_dim": cfg.final_dim,
-        "diversity_loss_weight": cfg.diversity_weight,
         "ctc_loss_reduction": "sum",
         "ctc_zero_infinity": True,
         "use_weighted_layer_sum": False,

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speech_ssl.models import fastpath
 from speech_ssl.models.config import ModelConfig
-from speech_ssl.models.dropout import Dropout, drop_mask, keep_mask
-from speech_ssl.models.fastpath import cpu_kernels
+from speech_ssl.models.dropout import Dropout
 
 
 class ConvPositionalEmbedding(nn.Module):
@@ -51,50 +51,10 @@ class ConvPositionalEmbedding(nn.Module):
         return F.gelu(y).transpose(1, 2)
 
 
-class _DropoutAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(d) + mask) with dropout, times v, for CPU training. qkv [3, B*H, T, hd] -> [B*H, T, hd].
-
-    The same arithmetic as SDPA's math path (which torch takes on the CPU whenever dropout is on), with
-    a hand-written backward that makes fewer passes over the [B*H, T, T] probabilities, keeps only the
-    probabilities and a boolean drop mask for backward, and writes dq, dk, dv into one buffer.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: Tensor, key_mask: Optional[Tensor], p: float) -> Tensor:  # type: ignore[override]
-        q, k, v = qkv.unbind(0)
-        scale = q.shape[-1] ** -0.5
-        scores = torch.baddbmm(q.new_empty(()), q, k.transpose(1, 2), beta=0.0, alpha=scale)
-        if key_mask is not None:  # [B*H, 1, T] True = padding
-            scores.masked_fill_(key_mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        del scores
-        drop = drop_mask(probs.shape, p)
-        out = torch.bmm(torch.where(drop, 0.0, probs), v).mul_(1.0 / (1.0 - p))
-        ctx.save_for_backward(qkv, probs, drop)
-        ctx.p = p
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        qkv, probs, drop = ctx.saved_tensors
-        q, k, v = qkv.unbind(0)
-        scale = q.shape[-1] ** -0.5
-        grad = grad.mul(1.0 / (1.0 - ctx.p))
-        kept = torch.where(drop, 0.0, probs)
-        grad_qkv = torch.empty_like(qkv)
-        torch.bmm(kept.transpose(1, 2), grad, out=grad_qkv[2])  # dv
-        grad_probs = torch.where(drop, 0.0, torch.bmm(grad, v.transpose(1, 2)))  # through the dropout
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        torch.bmm(grad_scores, k, out=grad_qkv[0]).mul_(scale)  # dq
-        torch.bmm(grad_scores.transpose(1, 2), q, out=grad_qkv[1]).mul_(scale)  # dk
-        return grad_qkv, None, None
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention. [B, T, D] -> [B, T, D]; q, k, v from one fused projection.
 
-    Without attention dropout (eval, or p = 0) this is ``scaled_dot_product_attention``. With it on the
-    CPU it is ``_DropoutAttention`` (SDPA's math path, written out with cheaper dropout masks).
+    ``scaled_dot_product_attention``, or on the CPU with attention dropout our kernel (``fastpath.attention``).
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float):
@@ -108,17 +68,7 @@ class SelfAttention(nn.Module):
         batch, time, dim = x.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
         qkv = self.qkv_proj(x).view(batch, time, 3, heads, head_dim)
-        dropout_on = self.training and self.dropout > 0
-        if dropout_on and cpu_kernels(x) and self.dropout < 1.0:
-            qkv = qkv.permute(2, 0, 3, 1, 4).reshape(3, batch * heads, time, head_dim)  # one copy
-            key_mask = None
-            if attn_mask is not None:  # [B, 1, 1, T] True = attend -> [B*H, 1, T] True = padding
-                key_mask = (~attn_mask).expand(batch, heads, 1, time).reshape(batch * heads, 1, time)
-            y = _DropoutAttention.apply(qkv, key_mask, self.dropout).view(batch, heads, time, head_dim)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, head_dim]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                               dropout_p=self.dropout if dropout_on else 0.0)
+        y = fastpath.attention(qkv, attn_mask, self.dropout if self.training else 0.0)  # [B, H, T, head_dim]
         return self.out_proj(y.transpose(1, 2).reshape(batch, time, dim))
 
 
@@ -154,10 +104,7 @@ class TransformerLayer(nn.Module):
 
     def residual(self, x: Tensor, branch: Tensor) -> Tensor:
         """x + dropout(branch), in one pass on the CPU (addcmul with the scaled keep mask)."""
-        p = self.dropout.p
-        if self.training and 0 < p < 1.0 and cpu_kernels(x):
-            return torch.addcmul(x, branch, keep_mask(branch.shape, p, branch.dtype))
-        return x + self.dropout(branch)
+        return fastpath.residual_dropout(x, branch, self.dropout.p, self.training)
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         if self.layer_norm_first:

@@ -79,16 +79,23 @@ class Wav2Vec2Model(nn.Module):
         return padding_is_exact(self.config)
 
     # -- stages ----------------------------------------------------------------------------------
-    def extract_features(self, inputs: Tensor, lengths: Optional[Tensor] = None) -> FeatureOutput:
-        """Front end + feature LayerNorm: the part shared by the context network and the quantizer."""
-        raw = self.feature_encoder(inputs)
+    def extract_features(self, inputs: Tensor, lengths: Optional[Tensor] = None,
+                         exact_padding: bool = False) -> FeatureOutput:
+        """Front end + feature LayerNorm: the part shared by the context network and the quantizer.
+
+        ``exact_padding``: a group-norm front end takes its statistics over each row's valid steps, so that
+        every valid frame gets the value it has without padding (the embedder); by default over all steps,
+        padding included, as fairseq and transformers do (``padding_is_exact``).
+        """
+        lengths = None if lengths is None else lengths.to(inputs.device).long()
+        raw = self.feature_encoder(inputs, lengths if exact_padding else None)
         batch, time, _ = raw.shape
         if lengths is None:
             out_lengths = torch.full((batch,), time, dtype=torch.long, device=raw.device)
             padding_mask = None
             penalty = raw.float().pow(2).mean()
         else:
-            out_lengths = self.output_lengths(lengths.to(raw.device).long()).clamp(max=time)
+            out_lengths = self.output_lengths(lengths).clamp(max=time)
             padding_mask = padding_mask_from_lengths(out_lengths, time)
             valid = (~padding_mask).unsqueeze(-1)
             denom = (out_lengths.sum() * raw.size(-1)).clamp(min=1)

@@ -98,10 +98,7 @@ def extract(model: torch.nn.Module, batches: Sequence[Any] | BatchStream, layers
                 out.vectors.append(torch.from_numpy(np.ascontiguousarray(stacked)).to(keep))
                 out.rows.append(rows.get(batch.ids[k]))
                 out.texts.append(batch.texts[k])
-    if isinstance(batches, BatchStream):
-        out.report = batches.report
-    out.seconds = time.perf_counter() - started
-    return out
+    return _finished(out, batches, started)
 
 
 def extract_fbank(batches: Sequence[Any] | BatchStream, rows: dict[str, Utterance]) -> Features:
@@ -115,6 +112,11 @@ def extract_fbank(batches: Sequence[Any] | BatchStream, rows: dict[str, Utteranc
             out.vectors.append(inputs[k, :length].mean(dim=0, keepdim=True))
             out.rows.append(rows.get(batch.ids[k]))
             out.texts.append(batch.texts[k])
+    return _finished(out, batches, started)
+
+
+def _finished(out: Features, batches: Sequence[Any] | BatchStream, started: float) -> Features:
+    """``out`` with the stream's ingest report (a Ray stream has one) and the time taken."""
     if isinstance(batches, BatchStream):
         out.report = batches.report
     out.seconds = time.perf_counter() - started

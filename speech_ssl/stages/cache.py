@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from speech_ssl.models.config import ModelOverrides
+from speech_ssl.data.config import AUDIO_EXTENSIONS
 from speech_ssl.runtime import RayConfig
 from speech_ssl.stages.common import model_field, model_overrides_field
 
@@ -46,12 +48,12 @@ class Config:
     input: str
     output: str
     model: str = model_field("tiny")
-    model_overrides: dict[str, Any] = model_overrides_field()
+    model_overrides: ModelOverrides = model_overrides_field()
     dtype: str = field(default="auto", metadata={"choices": ["auto", "int16", "float16", "float32"]})
     sample_rate: int = 16000
     segment_duration: float = 30.0
     shard_seconds: float = 600.0
-    extensions: list[str] = field(default_factory=lambda: [".wav", ".flac", ".ogg", ".opus", ".mp3"])
+    extensions: list[str] = field(default_factory=lambda: list(AUDIO_EXTENSIONS))
     tsv_sample_rate: int = 16000
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -22,28 +22,28 @@ def model_field(default: str = "tiny") -> Any:
     return field(default=default, metadata={"choices": model_choices})
 
 
-def model_override_keys() -> list[str]:
-    import dataclasses
-
-    from speech_ssl.models.config import ModelConfig
-
-    return [f.name for f in dataclasses.fields(ModelConfig)]
-
-
 def model_overrides_field() -> Any:
-    """``model_overrides.<ModelConfig field>=value`` on the command line; keys checked before running."""
-    return field(default_factory=dict, metadata={"keys": model_override_keys})
+    """``model_overrides.<ModelConfig field>=value``: the user's layer of model settings (a ModelOverrides,
+    every key typed and described, null where not set)."""
+    from speech_ssl.models.config import ModelOverrides
+
+    return field(default_factory=ModelOverrides)
 
 
-def save_resolved_config(output_dir: Path, stage: str, cfg: Any) -> Path:
-    """Write the stage's fully resolved configuration beside its outputs (``<stage>_config.json``)."""
+def save_resolved_config(output_dir: Path, stage: str, cfg: Any, model_config: Any = None) -> Path:
+    """Write the stage's fully resolved configuration beside its outputs (``<stage>_config.json``), with the
+    ModelConfig its settings resolved to (``model``) when given."""
+    import dataclasses
     import json
 
     from speech_ssl.config import to_dict
 
     from speech_ssl import storage
 
-    text = json.dumps({"stage": stage, "config": to_dict(cfg)}, indent=1)
+    record = {"stage": stage, "config": to_dict(cfg)}
+    if model_config is not None:
+        record["model"] = dataclasses.asdict(model_config)
+    text = json.dumps(record, indent=1)
     if storage.is_uri(output_dir):  # written at once where it goes (s3://, gs://, ...)
         storage.write_text(storage.join(output_dir, f"{stage}_config.json"), text)
         # and in the local work folder that is uploaded at the end
@@ -56,20 +56,12 @@ def save_resolved_config(output_dir: Path, stage: str, cfg: Any) -> Path:
     return path
 
 
-def resolve_model_config(preset: str, overrides: dict[str, Any]) -> Any:
-    """The ModelConfig of ``preset`` with ``overrides`` applied; ConfigError names a bad key or value."""
-    import dataclasses
+def resolve_model_config(preset: Any, *layers: Any) -> Any:
+    """The ModelConfig of ``preset`` with ``layers`` of overrides applied (later wins); ConfigError names a bad
+    key or value. The same function as ``speech_ssl.models.config.resolve_config``."""
+    from speech_ssl.models.config import resolve_config
 
-    from speech_ssl.config import ConfigError, from_dict
-    from speech_ssl.models.presets import PRESETS
-
-    if preset not in PRESETS:
-        raise ConfigError("model", f"unknown model preset '{preset}'.", list(PRESETS))
-    base = dataclasses.asdict(PRESETS[preset])
-    unknown = sorted(set(overrides) - set(base))
-    if unknown:
-        raise ConfigError(f"model_overrides.{unknown[0]}", f"unknown model setting '{unknown[0]}'.", list(base))
-    return from_dict(type(PRESETS[preset]), {**base, **overrides}, "model_overrides")
+    return resolve_config(preset, *layers)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,18 +63,36 @@ def _stem(path: str) -> str:
     return path[: -len(".json")] if path.endswith(".json") else path
 
 
-def use_ray_for(count: int, threshold: int, ray_cfg: RayConfig) -> bool:
-    """Ray Data decodes when the input is large or a cluster is named; small inputs stay in-process."""
-    from speech_ssl.runtime import resolve_address
+class Recognition:
+    """Every utterance through ``recognizer``, as the results come (``for result in Recognition(...)``), with
+    progress lines with an ETA on standard error; afterwards ``report`` (read/used/quarantined) and
+    ``elapsed`` (seconds). Ray Data decodes when the input is large or a cluster is named; small inputs stay
+    in-process."""
 
-    return count > threshold or resolve_address(ray_cfg) is not None
+    def __init__(self, recognizer, utterances, data: DataConfig, ray_cfg: RayConfig, ray_threshold: int,
+                 stage: str):
+        from speech_ssl.runtime import resolve_address
 
+        self.recognizer, self.utterances, self.data, self.ray_cfg = recognizer, utterances, data, ray_cfg
+        self.use_ray = len(utterances) > ray_threshold or resolve_address(ray_cfg) is not None
+        self.stage = stage
+        self.report = None
+        self.elapsed = 0.0
 
-def progress_bar(total: int, stage: str):
-    """Progress lines with an ETA on standard error (a log line every few seconds; standard output stays clean)."""
-    from speech_ssl.progress import Progress
+    def __iter__(self):
+        from speech_ssl.progress import Progress
+        from speech_ssl.runtime import ray_session
 
-    return Progress(stage, total, "utterances")
+        with ray_session(self.ray_cfg) if self.use_ray else contextlib.nullcontext():
+            stream = self.recognizer.batches(self.utterances, self.data, self.use_ray)
+            bar = Progress(self.stage, len(stream.rows), "utterances")
+            started = time.perf_counter()
+            for result in self.recognizer.recognize(stream):
+                bar.update(1)
+                yield result
+            self.elapsed = time.perf_counter() - started
+            bar.close()
+        self.report = stream.report
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -83,7 +101,6 @@ def run(cfg: Config) -> dict[str, Any]:
     from speech_ssl.asr.scoring import COUNT_KEYS, rates, utterance_errors
     from speech_ssl.data import read_source
     from speech_ssl.errors import SpeechSSLError
-    from speech_ssl.runtime import ray_session
     from speech_ssl.stages.common import check_input_path, check_output_file
 
     check_input_path("checkpoint", cfg.checkpoint)  # before the model loads or Ray starts
@@ -101,30 +118,23 @@ def run(cfg: Config) -> dict[str, Any]:
     # One error listing every character the checkpoint's normaliser refuses, before any audio is read.
     recognizer.normalizer.check(u.text for u in utterances)
 
-    use_ray = use_ray_for(len(utterances), cfg.ray_threshold, cfg.ray)
     durations = {u.id: u.duration for u in utterances}  # manifest or header durations (model frames round down)
     rows: dict[str, dict[str, Any]] = {}
     totals = {k: 0 for k in COUNT_KEYS}
     empty_refs = 0
     audio_seconds = 0.0
-    with ray_session(cfg.ray) if use_ray else contextlib.nullcontext():
-        stream = recognizer.batches(utterances, cfg.data, use_ray)
-        bar = progress_bar(len(stream.rows), "evaluate")
-        started = time.perf_counter()
-        for result in recognizer.recognize(stream):
-            bar.update(1)
-            errors = utterance_errors(result.reference or "", result.text)
-            if errors is None:
-                empty_refs += 1
-            else:
-                for k in COUNT_KEYS:
-                    totals[k] += errors[k]
-            audio_seconds += durations.get(result.id, result.seconds)
-            rows[result.id] = {"id": result.id, "path": result.path, "ref": result.reference, "hyp": result.text,
-                               **(errors or {k: None for k in COUNT_KEYS})}
-        elapsed = time.perf_counter() - started
-        bar.close()
-    report = stream.report
+    recognition = Recognition(recognizer, utterances, cfg.data, cfg.ray, cfg.ray_threshold, "evaluate")
+    for result in recognition:
+        errors = utterance_errors(result.reference or "", result.text)
+        if errors is None:
+            empty_refs += 1
+        else:
+            for k in COUNT_KEYS:
+                totals[k] += errors[k]
+        audio_seconds += durations.get(result.id, result.seconds)
+        rows[result.id] = {"id": result.id, "path": result.path, "ref": result.reference, "hyp": result.text,
+                           **(errors or {k: None for k in COUNT_KEYS})}
+    report, elapsed = recognition.report, recognition.elapsed
     report.raise_if_nothing_used(cfg.data.test)
 
     scored = len(rows) - empty_refs

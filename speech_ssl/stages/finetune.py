@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from speech_ssl.config import ConfigError
 from speech_ssl.data.config import DataConfig
 from speech_ssl.runtime import RayConfig
-from speech_ssl.stages.common import model_field, model_overrides_field
+from speech_ssl.stages.common import model_field
 from speech_ssl.train.config import OptimConfig, TrainerConfig
-from speech_ssl.train.tasks.ctc import CTCConfig
+from speech_ssl.train.tasks.ctc import CTCConfig, FinetuneModelOverrides
 
 
 log = logging.getLogger(__name__)
@@ -41,8 +40,12 @@ class Config:
         init=none trains the `model` preset from scratch.
     data: the labeled manifests and how audio is read and batched (data.text: the transcript normaliser).
     model: the model preset used with init=none (a checkpoint brings its own architecture).
-    model_overrides: ModelConfig fields changed from the preset or checkpoint (model_overrides.layerdrop=0).
-    ctc: the fine-tuning recipe's model-side behaviour (freezing, masking, dropouts, best-checkpoint metric).
+    model_overrides: model settings changed from the preset or checkpoint, one key each
+        (model_overrides.layerdrop=0). Resolved once, before Ray starts: the preset or checkpoint, then
+        the fine-tuning defaults of masking and dropouts (fairseq's; skipped over a checkpoint that is
+        already a CTC model, whose own settings stay), then these keys, which always win. The result is
+        saved in finetune_config.json as `model`.
+    ctc: the fine-tuning recipe's training behaviour (freezing, best-checkpoint metric).
     trainer: scale, precision, length and bookkeeping of the run.
     ray: which Ray runs it: an embedded local one, or a cluster (ray.address).
     """
@@ -51,7 +54,7 @@ class Config:
     init: str
     data: FinetuneDataConfig
     model: str = model_field("tiny")
-    model_overrides: dict[str, Any] = model_overrides_field()
+    model_overrides: FinetuneModelOverrides = field(default_factory=FinetuneModelOverrides)
     ctc: CTCConfig = field(default_factory=CTCConfig)
     trainer: TrainerConfig = field(default_factory=_finetune_trainer)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -82,19 +85,23 @@ def run(cfg: Config) -> dict:
     from speech_ssl.data import TextNormalizer, Vocabulary, read_source
     from speech_ssl.runtime import ray_session
     from speech_ssl.stages.common import (check_input_path, check_output_dir, check_rows_resolve, output_lock,
-                                          require_rows, resolve_model_config, save_resolved_config)
+                                          require_rows, save_resolved_config)
     from speech_ssl.train import checkpoint as ckpt
     from speech_ssl.train.launch import run_training, storage_root
-    from speech_ssl.train.tasks.ctc import CTCTask
+    from speech_ssl.train.tasks.ctc import CTCTask, finetune_model_config, init_model_config
 
     check_output_dir("output_dir", cfg.output_dir)
     check_input_path("data.train", cfg.data.train)
     check_input_path("data.valid", cfg.data.valid)
-    if cfg.init == "none":
-        resolve_model_config(cfg.model, cfg.model_overrides)  # fail fast on a bad model_overrides key
-    elif not Path(cfg.init).exists() and "://" not in cfg.init:
+    if cfg.init != "none" and not Path(cfg.init).exists() and "://" not in cfg.init:
         raise ConfigError("init", f"no checkpoint at '{cfg.init}' (give a checkpoint directory, a transformers "
                                   "model directory, a fairseq .pt file, or none to train from scratch).")
+    # The model that trains, resolved once here (a bad model_overrides value fails before Ray starts).
+    if cfg.init == "none":
+        model = finetune_model_config(cfg.model, cfg.model_overrides)
+    else:
+        base, finetuned = init_model_config(cfg.init)
+        model = finetune_model_config(base, cfg.model_overrides, base_is_finetuned=finetuned)
     from speech_ssl import storage
 
     output_dir = storage.normalize(cfg.output_dir)  # a local path, or a URI (s3://, gs://, ...)
@@ -122,10 +129,10 @@ def run(cfg: Config) -> dict:
     log.info("fine-tuning %s on %d utterances (%.2f h), %d-token vocabulary, validating on %d",
              cfg.init if cfg.init != "none" else f"{cfg.model} from scratch", len(train),
              sum(u.duration for u in train) / 3600, len(vocab), len(valid))
-    task = CTCTask(init=cfg.init, model=cfg.model, model_overrides=dict(cfg.model_overrides), data=cfg.data,
-                   train=train, valid=valid, vocab=vocab, ctc=cfg.ctc)
+    task = CTCTask(init=cfg.init, model_config=model, data=cfg.data, train=train, valid=valid, vocab=vocab,
+                   ctc=cfg.ctc)
     with output_lock(output_dir, "finetune"):
-        save_resolved_config(output_dir, "finetune", cfg)
+        save_resolved_config(output_dir, "finetune", cfg, model)
         with ray_session(cfg.ray, log_dir=f"{output_dir}/logs"):
             summary = run_training(task, cfg.trainer, output_dir)
     log.info("fine-tuning done after %d updates: best %s (%s), last %s", summary["updates"], summary["best"],

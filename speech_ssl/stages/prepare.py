@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from speech_ssl.data.config import AUDIO_EXTENSIONS
 from speech_ssl.runtime import RayConfig
 
 
@@ -33,7 +34,7 @@ class Config:
 
     input: str
     output: str
-    extensions: list[str] = field(default_factory=lambda: [".wav", ".flac", ".ogg", ".opus", ".mp3"])
+    extensions: list[str] = field(default_factory=lambda: list(AUDIO_EXTENSIONS))
     quarantine: Optional[str] = None
     decode: bool = False
     ray_threshold: int = 5000

@@ -6,9 +6,10 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from speech_ssl.data.config import DataConfig
+from speech_ssl.models.config import ModelConfig, ModelOverrides
 from speech_ssl.probe import ProbeSettings
 from speech_ssl.runtime import RayConfig
 from speech_ssl.stages.common import model_field, model_overrides_field
@@ -51,7 +52,9 @@ class Config:
         with an output_dir that holds checkpoints resumes from the latest.
     data: the audio to pretrain on and how it is read and batched.
     model: the model preset (see the list of presets above).
-    model_overrides: ModelConfig fields changed from the preset (model_overrides.num_layers=2, ...).
+    model_overrides: model settings changed from the preset, one key each (model_overrides.num_layers=2);
+        null: the preset's value. Resolved once, before Ray starts, into the model that trains (saved in
+        pretrain_config.json as `model`).
     trainer: scale, precision, length and bookkeeping of the run.
     probe: an optional linear probe of the model while it trains (probe.every_updates=N).
     ray: which Ray runs it: an embedded local one, or a cluster (ray.address).
@@ -60,7 +63,7 @@ class Config:
     output_dir: str
     data: PretrainDataConfig
     model: str = model_field("tiny")
-    model_overrides: dict[str, Any] = model_overrides_field()
+    model_overrides: ModelOverrides = model_overrides_field()
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     probe: PretrainProbeConfig = field(default_factory=PretrainProbeConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -95,14 +98,21 @@ def build_monitor(cfg: Config):
                         cfg.probe.every_updates)
 
 
-def read_corpora(cfg: Config):
-    """The training and validation rows, checked on the driver before Ray starts: every path named exists,
-    the rows' files resolve, something is usable, and decoded-audio caches fit the model preset."""
-    from speech_ssl.data import read_source
-    from speech_ssl.stages.common import (check_caches_fit, check_input_path, check_rows_resolve,
-                                          require_rows, resolve_model_config)
+def model_config(cfg: Config) -> ModelConfig:
+    """The model this configuration pretrains: the preset with the user's overrides (a bad model_overrides
+    value fails here, naming its key)."""
+    from speech_ssl.models.config import resolve_config
 
-    model_config = resolve_model_config(cfg.model, cfg.model_overrides)  # a bad model_overrides key fails here
+    return resolve_config(cfg.model, cfg.model_overrides)
+
+
+def read_corpora(cfg: Config, model: Optional[ModelConfig] = None):
+    """The training and validation rows, checked on the driver before Ray starts: every path named exists,
+    the rows' files resolve, something is usable, and decoded-audio caches fit the model."""
+    from speech_ssl.data import read_source
+    from speech_ssl.stages.common import check_caches_fit, check_input_path, check_rows_resolve, require_rows
+
+    model = model or model_config(cfg)
     check_input_path("data.train", cfg.data.train)
     check_input_path("data.valid", cfg.data.valid)
     corpora = {}
@@ -113,7 +123,7 @@ def read_corpora(cfg: Config):
         rows = read_source(spec, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
         check_rows_resolve(key, rows, spec)
         require_rows(key, rows, spec)
-        check_caches_fit(key, rows, model_config, cfg.data.sample_rate)
+        check_caches_fit(key, rows, model, cfg.data.sample_rate)
         corpora[key] = rows
     return corpora["data.train"], corpora["data.valid"]
 
@@ -131,17 +141,17 @@ def run(cfg: Config) -> dict:
     from speech_ssl import storage
 
     output_dir = storage.normalize(cfg.output_dir)  # a local path, or a URI (s3://, gs://, ...)
-    train, valid = read_corpora(cfg)
+    model = model_config(cfg)
+    train, valid = read_corpora(cfg, model)
     monitor = build_monitor(cfg)
     with output_lock(output_dir, "pretrain"):
-        save_resolved_config(output_dir, "pretrain", cfg)
+        save_resolved_config(output_dir, "pretrain", cfg, model)
         log.info("pretraining %s on %d utterances (%.2f h)%s", cfg.model, len(train),
                  sum(u.duration for u in train) / 3600,
                  f", validating on {len(valid)}" if valid else "")
         with ray_session(cfg.ray, log_dir=f"{output_dir}/logs"):
-            task = PretrainTask(model=cfg.model, model_overrides=dict(cfg.model_overrides), data=cfg.data,
-                                train=train, valid=valid, warmup_updates=cfg.trainer.optim.warmup_updates,
-                                monitor=monitor)
+            task = PretrainTask(model_config=model, data=cfg.data, train=train, valid=valid,
+                                warmup_updates=cfg.trainer.optim.warmup_updates, monitor=monitor)
             summary = run_training(task, cfg.trainer, output_dir)
     log.info("pretraining done after %d updates: last %s, best %s", summary["updates"], summary["last"],
              summary["best"])

@@ -13,13 +13,11 @@ output when ``output`` is null; unreadable files are quarantined and listed, nev
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -64,9 +62,8 @@ def run(cfg: Config) -> dict[str, Any]:
     """Transcribe ``input``; returns a summary (counts, audio hours, RTF, output path)."""
     from speech_ssl.asr.recognizer import Recognizer
     from speech_ssl.data import read_source
-    from speech_ssl.runtime import ray_session
     from speech_ssl.stages.common import check_input_path, check_output_file
-    from speech_ssl.stages.evaluate import progress_bar, use_ray_for
+    from speech_ssl.stages.evaluate import Recognition
 
     check_input_path("checkpoint", cfg.checkpoint)  # before the model loads or Ray starts
     check_output_file("output", cfg.output)
@@ -77,19 +74,12 @@ def run(cfg: Config) -> dict[str, Any]:
     unlabeled = utterances.with_rows(dataclasses.replace(u, text=None) for u in utterances)
     ids = {u.id for u in utterances}
 
-    use_ray = use_ray_for(len(utterances), cfg.ray_threshold, cfg.ray)
     pieces: dict[str, list[tuple[int, str, float]]] = {}
-    with ray_session(cfg.ray) if use_ray else contextlib.nullcontext():
-        stream = recognizer.batches(unlabeled, cfg.data, use_ray)
-        bar = progress_bar(len(stream.rows), "transcribe")
-        started = time.perf_counter()
-        for result in recognizer.recognize(stream):
-            bar.update(1)
-            base, k = _segment_of(result.id, ids)
-            pieces.setdefault(base, []).append((k, result.text, result.seconds))
-        elapsed = time.perf_counter() - started
-        bar.close()
-    report = stream.report
+    recognition = Recognition(recognizer, unlabeled, cfg.data, cfg.ray, cfg.ray_threshold, "transcribe")
+    for result in recognition:
+        base, k = _segment_of(result.id, ids)
+        pieces.setdefault(base, []).append((k, result.text, result.seconds))
+    report, elapsed = recognition.report, recognition.elapsed
     report.raise_if_nothing_used(cfg.input)
 
     if cfg.output:

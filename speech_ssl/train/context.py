@@ -35,13 +35,7 @@ class LocalContext:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def latest_checkpoint(self) -> Optional[Path]:
-        found = ckpt.latest_complete(self.storage_root)
-        if found is None:
-            return None
-        if "://" not in found:
-            return Path(found)
-        self._downloaded = Path(tempfile.mkdtemp(prefix="speech-ssl-resume-"))
-        return ckpt.download(found, self._downloaded / Path(found).name)
+        return _latest_local_copy(self.storage_root)
 
     def save_checkpoint(self, name: str, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
         if "://" in self.storage_root:  # a URI: written locally, then uploaded (marker last)
@@ -62,6 +56,17 @@ class LocalContext:
         pass
 
 
+def _latest_local_copy(storage_root: str) -> Optional[Path]:
+    """The newest complete checkpoint under ``storage_root`` as a local folder (None: none yet). On remote
+    storage every worker downloads its own copy, to a temporary folder."""
+    found = ckpt.latest_complete(storage_root)
+    if found is None:
+        return None
+    if "://" not in found:
+        return Path(found)
+    return ckpt.download(found, Path(tempfile.mkdtemp(prefix="speech-ssl-resume-")) / Path(found).name)
+
+
 class RayTrainContext:
     """One worker of a Ray Train run (the process group is already set up by ``TorchTrainer``)."""
 
@@ -77,17 +82,9 @@ class RayTrainContext:
         self.local_rank = context.get_local_rank()
         self.storage_root = storage_root
         self.device = ray.train.torch.get_device()
-        self._downloaded: Optional[Path] = None
 
     def latest_checkpoint(self) -> Optional[Path]:
-        found = ckpt.latest_complete(self.storage_root)
-        if found is None:
-            return None
-        if "://" not in found:
-            return Path(found)
-        # Remote storage: every worker reads its own local copy.
-        self._downloaded = Path(tempfile.mkdtemp(prefix="speech-ssl-resume-"))
-        return ckpt.download(found, self._downloaded / Path(found).name)
+        return _latest_local_copy(self.storage_root)
 
     def save_checkpoint(self, name: str, write: Callable[[Path], None], metrics: dict[str, Any]) -> str:
         import ray.train

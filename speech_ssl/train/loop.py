@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import time
@@ -461,7 +462,26 @@ def save(task: Task, model, optimizer, scheduler, scaler, state: TrainingState, 
     """Write a checkpoint (every worker its part), keep the last K plus the best, point last/best at them.
 
     ``judge_best=False`` (a checkpoint written because the run was asked to stop, not validated) leaves the
-    best checkpoint as it was: ``valid`` then scores an older model."""
+    best checkpoint as it was: ``valid`` then scores an older model. A full disk is a SpeechSSLError (one
+    paragraph, no restart: a restart cannot make space); the newest complete checkpoint stays usable."""
+    try:
+        return _save(task, model, optimizer, scheduler, scaler, state, position, ctx, output_dir, cfg, valid,
+                     logger, judge_best)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        latest = ckpt.latest_complete(ctx.storage_root)
+        raise SpeechSSLError(
+            f"no space left on the device ({err.strerror}) while writing checkpoint "
+            f"{ckpt.checkpoint_name(state.updates)} under {ctx.storage_root}; "
+            + (f"the newest complete checkpoint is {latest}: free space (or lower trainer.keep_last) and run "
+               "the same command again, it resumes from there" if latest else
+               "no complete checkpoint exists yet: free space and run the same command again")) from None
+
+
+def _save(task: Task, model, optimizer, scheduler, scaler, state: TrainingState, position: dict[str, int], ctx,
+          output_dir: Path, cfg: TrainerConfig, valid: dict[str, float], logger: Optional[MetricsLogger],
+          judge_best: bool) -> str:
     name = ckpt.checkpoint_name(state.updates)
     score = valid.get(task.best_metric) if judge_best else None
     if score is None:

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -19,49 +19,105 @@ from speech_ssl.asr.decoding import greedy_decode
 from speech_ssl.asr.scoring import error_counts, rates
 from speech_ssl.data import BatchStream, DataConfig, TextNormalizer, Utterance, Vocabulary
 from speech_ssl.data.read_plan import ReadPlan
+from speech_ssl.models.config import ModelConfig, ModelOverrides, resolve_config
 from speech_ssl.train.task import StepOutput
 from speech_ssl.train.tasks.pretrain import feature_spec_for, use_ray_data
 
 log = logging.getLogger(__name__)
 
 
+# fairseq's fine-tuning values of the model settings (its Wav2Vec2AsrConfig as the published recipes set
+# it): fine-tuning applies them as a layer between the model (preset, or pretraining checkpoint) and the
+# user's model_overrides, which always win. One key per setting: model_overrides.<name>.
+FINETUNE_MODEL_DEFAULTS = ModelOverrides(
+    mask_prob=0.65, mask_length=10, mask_channel_prob=0.25, mask_channel_length=64, layerdrop=0.1,
+    final_dropout=0.0, dropout=0.0, attention_dropout=0.0, activation_dropout=0.1, dropout_input=0.0,
+)
+
+
+def _finetune_overrides_doc() -> str:
+    """FinetuneModelOverrides' docstring: for each setting of the fine-tuning layer, where its value comes
+    from (``speech-ssl finetune --help`` shows it beside the key)."""
+    import re
+
+    from speech_ssl.models.config import FIELD_DOCS
+
+    lines = ["Model settings changed from the preset or the init checkpoint (null: not set here). Over a",
+             "preset or a pretraining checkpoint, the masking and dropout keys left null take the fine-tuning",
+             "defaults (fairseq's recipe); a fine-tuned (CTC) init keeps its own; a value given here wins.", ""]
+    for name, value in FINETUNE_MODEL_DEFAULTS.given().items():
+        match = re.search(rf"^    {name}: (.*?)(?=^    \w[\w /]*: |\Z)", FIELD_DOCS, re.MULTILINE | re.DOTALL)
+        what = " ".join(match.group(1).split()) if match else ""
+        lines.append(f"{name}: null: {value}, the fine-tuning default (a CTC init keeps its own). {what}")
+    return "\n".join(lines)
+
+
+@dataclass
+class FinetuneModelOverrides(ModelOverrides):
+    # The docstring is generated below (the fine-tuning defaults written once, in FINETUNE_MODEL_DEFAULTS).
+    pass
+
+
+FinetuneModelOverrides.__doc__ = _finetune_overrides_doc()
+
+
+def finetune_model_config(base: Union[str, ModelConfig], user: Any = None,
+                          base_is_finetuned: bool = False) -> ModelConfig:
+    """The model a fine-tuning run trains, resolved in one place (``resolve_config``), in this order, each
+    layer winning over the ones before it:
+
+    1. ``base``: the ``model`` preset (init=none), or the config the init checkpoint brings;
+    2. FINETUNE_MODEL_DEFAULTS (masking 0.65 x 10, channel masking 0.25 x 64, LayerDrop 0.1, no dropout but
+       activation_dropout 0.1), as fairseq's fine-tuning replaces the pretraining values. Skipped when
+       ``base_is_finetuned``: a checkpoint that is already a CTC model (ours, a fairseq fine-tuned .pt, a
+       transformers Wav2Vec2ForCTC) keeps its own fine-tuning settings;
+    3. ``user``: the model_overrides the user (or the recipe) set; a value set there always wins.
+    """
+    layers = (user,) if base_is_finetuned else (FINETUNE_MODEL_DEFAULTS, user)
+    return resolve_config(base, *layers)
+
+
+def init_model_config(init: str) -> tuple[ModelConfig, bool]:
+    """(the ModelConfig, whether it is already a CTC model) of the checkpoint ``init``: read from config.json
+    for our checkpoints; any other kind (transformers, fairseq) is loaded to read it."""
+    import json
+    from pathlib import Path
+
+    from speech_ssl.config import from_dict
+    from speech_ssl.models import Wav2Vec2ForCTC, load
+    from speech_ssl.models.checkpoint import FORMAT
+
+    meta_path = Path(init) / "config.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("format") == FORMAT and isinstance(meta.get("model"), dict):
+            return from_dict(ModelConfig, meta["model"], "init"), meta.get("architecture") == "Wav2Vec2ForCTC"
+    source = load(init)
+    return source.config, isinstance(source, Wav2Vec2ForCTC)
+
+
 @dataclass
 class CTCConfig:
-    """The fairseq fine-tuning recipe's model-side behaviour.
+    """The fairseq fine-tuning recipe's training behaviour. The model's own settings (masking, LayerDrop,
+    dropouts) are model_overrides.* keys, whose fine-tuning defaults are listed there.
 
     freeze_feature_encoder: keep the pretrained conv front end frozen throughout (ignored with init=none,
         where the front end starts random and must train).
     freeze_updates: train only the CTC head for this many updates, then the whole encoder.
-    mask_*: time and channel masking applied during fine-tuning (spans of frames / channels).
-    layerdrop / final_dropout: regularisation of the Transformer layers and before the head.
-    dropout / attention_dropout / activation_dropout / dropout_input: replace the pretrained model's
-        values, as fairseq's fine-tuning does (its Wav2Vec2AsrConfig: 0 except activation_dropout 0.1 in
-        the published recipes).
     select_by: the validation metric that picks the ``best`` checkpoint. WER is the published choice; CER
         tells checkpoints apart where nearly every word is still wrong (small models, hard corpora, the CTC
         blank phase), where WER sits at ~100 % for all of them.
     """
 
+    # Keys that were CTCConfig's until issue 19: each setting has one key now (model_overrides.<name>).
+    __moved_keys__ = {name: f"model_overrides.{name}" for name in FINETUNE_MODEL_DEFAULTS.given()}
+
     freeze_feature_encoder: bool = True
     freeze_updates: int = 0
-    mask_prob: float = 0.65
-    mask_length: int = 10
-    mask_channel_prob: float = 0.25
-    mask_channel_length: int = 64
-    layerdrop: float = 0.1
-    final_dropout: float = 0.0
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.1
-    dropout_input: float = 0.0
     select_by: str = field(default="valid_wer", metadata={"choices": ["valid_wer", "valid_cer", "valid_loss"]})
-
-    def model_overrides(self) -> dict[str, Any]:
-        return {"mask_prob": self.mask_prob, "mask_length": self.mask_length,
-                "mask_channel_prob": self.mask_channel_prob, "mask_channel_length": self.mask_channel_length,
-                "layerdrop": self.layerdrop, "final_dropout": self.final_dropout, "dropout": self.dropout,
-                "attention_dropout": self.attention_dropout, "activation_dropout": self.activation_dropout,
-                "dropout_input": self.dropout_input}
 
 
 def input_units(model_config: Any, seconds: float) -> int:
@@ -80,16 +136,17 @@ def ctc_frames_needed(target: list[int]) -> int:
 
 @dataclass
 class CTCTask:
-    """Fine-tune ``init`` (a checkpoint path, or ``"none"`` for ``model`` from scratch) with CTC."""
+    """Fine-tune ``init`` (a checkpoint path, or ``"none"``: from scratch) with CTC. ``model_config`` is the
+    model to train, resolved by the stage (``finetune_model_config``); with a checkpoint, its weights must
+    fit it (the same architecture: only regularisation and masking may differ from the checkpoint's)."""
 
     init: str
-    model: str
+    model_config: ModelConfig
     data: DataConfig
     train: list[Utterance]
     valid: Optional[list[Utterance]]
     vocab: Vocabulary
     ctc: CTCConfig = field(default_factory=CTCConfig)
-    model_overrides: dict[str, Any] = field(default_factory=dict)
     read_plan: Optional[ReadPlan] = None  # decode task sizes planned on the driver (speech_ssl.train.launch)
 
     name = "finetune"
@@ -115,15 +172,15 @@ class CTCTask:
 
     # -- model ---------------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
-        from speech_ssl.models import Wav2Vec2ForCTC, build_ctc, load
+        from speech_ssl.models import Wav2Vec2ForCTC, load
 
-        overrides = {**self.ctc.model_overrides(), **self.model_overrides}
         if self.init == "none":
-            model = build_ctc(self.model, len(self.vocab), **overrides)
+            model = Wav2Vec2ForCTC(self.model_config, len(self.vocab))
         else:
             source = load(self.init)
             encoder = getattr(source, "encoder", source)
-            model = Wav2Vec2ForCTC.from_pretrained_encoder(encoder, len(self.vocab), **overrides)
+            model = Wav2Vec2ForCTC.from_pretrained_encoder(encoder, len(self.vocab),
+                                                           **dataclasses.asdict(self.model_config))
         # Freezing only makes sense for pretrained weights: a from-scratch baseline must train its front end.
         if self.ctc.freeze_feature_encoder and self.init != "none":
             model.freeze_feature_encoder()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from speech_ssl.data import BatchStream, DataConfig, FeatureSpec, Utterance
 from speech_ssl.data.read_plan import ReadPlan
+from speech_ssl.models.config import ModelConfig
 from speech_ssl.train.metrics import CollapseMonitor
 from speech_ssl.train.task import StepOutput
 
@@ -29,13 +30,13 @@ def use_ray_data() -> bool:
 
 @dataclass
 class PretrainTask:
-    """Pretraining: ``model`` (a preset name) with ``model_overrides``, on ``train`` utterances."""
+    """Pretraining the model of ``model_config`` (resolved by the stage: preset < model_overrides) on
+    ``train`` utterances."""
 
-    model: str
+    model_config: ModelConfig
     data: DataConfig
     train: list[Utterance]
     valid: Optional[list[Utterance]] = None
-    model_overrides: dict[str, Any] = field(default_factory=dict)
     warmup_updates: int = 0
     monitor: Optional[Any] = None  # a speech_ssl.probe.ProbeMonitor run every monitor.every_updates updates
     read_plan: Optional[ReadPlan] = None  # decode task sizes planned on the driver (speech_ssl.train.launch)
@@ -58,27 +59,14 @@ class PretrainTask:
 
     def __post_init__(self):
         self._streams: dict[str, BatchStream] = {}
-        self._model_config = None
         if self.monitor is not None and getattr(self.monitor, "every_updates", 0):
             self.plot_panels = (*type(self).plot_panels, self.probe_panel)
 
     # -- model ---------------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
-        from speech_ssl.models import build
+        from speech_ssl.models import Wav2Vec2ForPreTraining
 
-        model = build(self.model, **self.model_overrides)
-        self._model_config = model.config
-        return model
-
-    @property
-    def model_config(self):
-        if self._model_config is None:
-            from speech_ssl.models import PRESETS
-
-            import dataclasses
-
-            self._model_config = dataclasses.replace(PRESETS[self.model], **self.model_overrides)
-        return self._model_config
+        return Wav2Vec2ForPreTraining(self.model_config)
 
     def on_update(self, model: torch.nn.Module, updates: int) -> None:
         model.set_num_updates(updates)
