@@ -168,7 +168,9 @@ def test_a_stream_whose_decode_tasks_cannot_start_fails_naming_what_is_pending(r
     text = str(err.value)
     assert "\n" not in text
     assert text.startswith("no batch arrived for 5 s")
-    # The feeder was asked to start but got no block (on a loaded machine its start may not have run yet).
-    assert "waiting for its first block, 0 blocks delivered" in text or "idle, 0 blocks delivered" in text, text
+    # The feeder's state: asked to start, no block yet (on a loaded machine its start may not have run yet,
+    # or it may not answer the state query in time: then the message says so).
+    assert any(s in text for s in ("waiting for its first block, 0 blocks delivered", "idle, 0 blocks delivered",
+                                   "its feeder did not answer")), text
     assert "0 of 2 CPUs" in text and "one decode task asks for 1 CPU" in text
     assert "data.stall_timeout_s" in text and "trainer.cpus_per_worker" in text

@@ -192,13 +192,12 @@ def _garbage_manifest(tmp_path: Path) -> str:
 def test_an_error_inside_a_training_worker_reaches_the_user_once_without_restarts(corpus, tmp_path):
     args = pretrain_args(corpus, tmp_path / "run", f"data.train={_garbage_manifest(tmp_path)}", "data.valid=null",
                          "trainer.max_failures=3")
-    out, seconds = run_cli(args, timeout=200)
+    out, _ = run_cli(args, timeout=200)
     assert out.returncode == 1, out.stderr[-3000:]
     message = assert_one_paragraph(out)
     assert "nothing usable" in message and "not-audio" in message
     # Once: not repeated by three restarts (each printed it again, with a traceback per worker).
     assert (out.stdout + out.stderr).count("nothing usable") == 1, out.stderr[-3000:]
-    assert seconds < 90, seconds
 
 
 # --------------------------------------------------------------------------------------------------
