@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# Everything but the slow-marked end-to-end runs (Ray Train, pipelines, clusters, jobs): under 2 minutes here.
+# Everything but the slow-marked end-to-end runs (Ray Train, pipelines, clusters, jobs): about 6 minutes here (target 3, issue 19).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
