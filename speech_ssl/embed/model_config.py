@@ -3,44 +3,8 @@ the embed driver derives from it (receptive field, frame rate, how padding is ma
 
 from __future__ import annotations
 
-import json
-
 from speech_ssl.data.audio import FeatureSpec
-from speech_ssl.errors import SpeechSSLError
-
-
-def read_model_config(checkpoint: str):
-    """(ModelConfig, architecture) of a checkpoint: from config.json for our and transformers
-    directories (no weights read), else by loading the file. Raises SpeechSSLError."""
-    from pathlib import Path
-
-    from speech_ssl.config import ConfigError, from_dict
-    from speech_ssl.models import load
-    from speech_ssl.models.checkpoint import FORMAT
-    from speech_ssl.models.config import ModelConfig
-
-    path = Path(checkpoint).expanduser()
-    if not path.exists():
-        raise SpeechSSLError(f"no checkpoint at {checkpoint} (give one of our checkpoint directories, a "
-                             "transformers model directory, or a fairseq .pt file)")
-    config_json = path / "config.json"
-    if path.is_dir() and config_json.is_file():
-        try:
-            meta = json.loads(config_json.read_text())
-        except json.JSONDecodeError as err:
-            raise SpeechSSLError(f"{config_json}: not valid JSON ({err})") from None
-        if meta.get("format") == FORMAT:
-            try:
-                return from_dict(ModelConfig, meta.get("model") or {}, "model"), meta.get("architecture", "?")
-            except ConfigError as err:
-                raise SpeechSSLError(f"{config_json}: {err.paragraph()}") from None
-        if meta.get("model_type") is not None:
-            from speech_ssl.models import convert
-
-            return convert.config_from_hf(meta), "transformers:" + ",".join(meta.get("architectures") or ["?"])
-    model = load(path)
-    return model.config, type(model).__name__
-
+from speech_ssl.models.checkpoint import read_model_config  # noqa: F401  (re-exported)
 
 
 def receptive_field_seconds(model_cfg, spec: FeatureSpec) -> float:

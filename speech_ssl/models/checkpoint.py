@@ -301,6 +301,30 @@ def to_torchaudio_state_dict(model: Union[Wav2Vec2Model, Wav2Vec2ForCTC]) -> dic
 # one entry point
 # ----------------------------------------------------------------------------------------------------
 
+def read_model_config(checkpoint: str):
+    """(ModelConfig, architecture) of a checkpoint: from config.json for our and transformers
+    directories (no weights read), else by loading the file. Raises SpeechSSLError."""
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise SpeechSSLError(f"no checkpoint at {checkpoint} (give one of our checkpoint directories, a "
+                             "transformers model directory, or a fairseq .pt file)")
+    config_json = path / "config.json"
+    if path.is_dir() and config_json.is_file():
+        try:
+            meta = json.loads(config_json.read_text())
+        except json.JSONDecodeError as err:
+            raise SpeechSSLError(f"{config_json}: not valid JSON ({err})") from None
+        if meta.get("format") == FORMAT:
+            try:
+                return from_dict(ModelConfig, meta.get("model") or {}, "model"), meta.get("architecture", "?")
+            except ConfigError as err:
+                raise SpeechSSLError(f"{config_json}: {err.paragraph()}") from None
+        if meta.get("model_type") is not None:
+            return convert.config_from_hf(meta), "transformers:" + ",".join(meta.get("architectures") or ["?"])
+    model = load(path)
+    return model.config, type(model).__name__
+
+
 def load(path: Union[str, Path], allow_unsafe_pickle: bool = False) -> AnyModel:
     """Load a model by auto-detection: our checkpoint directory, a transformers directory, a fairseq .pt."""
     path = Path(path)

@@ -78,25 +78,12 @@ def finetune_model_config(base: Union[str, ModelConfig], user: Any = None,
 
 
 def init_model_config(init: str) -> tuple[ModelConfig, bool]:
-    """(the ModelConfig, whether it is already a CTC model) of the checkpoint ``init``: read from config.json
-    for our checkpoints; any other kind (transformers, fairseq) is loaded to read it."""
-    import json
-    from pathlib import Path
+    """(the ModelConfig, whether it is already a CTC model) of the checkpoint ``init``, without its weights
+    where the checkpoint allows (``models.checkpoint.read_model_config``)."""
+    from speech_ssl.models.checkpoint import read_model_config
 
-    from speech_ssl.config import from_dict
-    from speech_ssl.models import Wav2Vec2ForCTC, load
-    from speech_ssl.models.checkpoint import FORMAT
-
-    meta_path = Path(init) / "config.json"
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            meta = {}
-        if meta.get("format") == FORMAT and isinstance(meta.get("model"), dict):
-            return from_dict(ModelConfig, meta["model"], "init"), meta.get("architecture") == "Wav2Vec2ForCTC"
-    source = load(init)
-    return source.config, isinstance(source, Wav2Vec2ForCTC)
+    config, architecture = read_model_config(init)
+    return config, architecture.rsplit(":", 1)[-1].split(",")[0] == "Wav2Vec2ForCTC"
 
 
 @dataclass
