@@ -1,6 +1,6 @@
 """Chained pipelines over the library's stages (``speech-ssl run pipeline=<name>``).
 
-Each pipeline module is a short definition: ``stages(cfg)`` wires the stage configs of a
+Each pipeline module is a short definition: ``stages(cfg, published=None)`` wires the stage configs of a
 :class:`speech_ssl.stages.run.Config` into a list of :class:`speech_ssl.pipeline.Stage` (every stage in
 ``<output_dir>/<stage>/``, later stages reading earlier outputs by path), and ``summarize(output_dir,
 results)`` says what the run found and where its outputs are. The runner that skips, resumes and stops on
@@ -26,7 +26,7 @@ def names() -> list[str]:
 
 
 def load(name: str) -> ModuleType:
-    """The definition module of pipeline ``name`` (``stages(cfg)``, ``summarize(output_dir, results)``)."""
+    """The definition module of pipeline ``name`` (``stages(cfg, published)``, ``summarize(output_dir, results)``)."""
     from speech_ssl.config import ConfigError
 
     if name not in PIPELINES:

@@ -50,6 +50,17 @@ def _check_demo_mix(data: dict[str, str]) -> None:
                           "of the pipeline.")
 
 
+def shared(output_dir: Path, published: Optional[str], *parts: str) -> str:
+    """Where a later stage reads an earlier stage's output (a checkpoint, embeddings, a cache): under the
+    run's URI ``output_dir`` when it has one (``published``; the runner uploads each stage's folder when
+    it finishes), so that a stage running on another node finds it; else in the local folder."""
+    if published is None:
+        return str(output_dir.joinpath(*parts))
+    from speech_ssl import storage
+
+    return storage.join(published, *parts)
+
+
 def manifest(output_dir: Path, split: str) -> str:
     """Where the prepare stage writes the manifest of ``split``."""
     return str(output_dir / "prepare" / f"{split}.jsonl")

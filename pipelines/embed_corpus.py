@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from pipelines.common import manifest, owned, prepare, require_data
+from pipelines.common import manifest, owned, prepare, require_data, shared
 from speech_ssl.config import ConfigError
 from speech_ssl.pipeline import Stage
 from speech_ssl.stages import embed
@@ -21,14 +21,16 @@ from speech_ssl.stages import embed
 NAME = "embed_corpus"
 
 
-def stages(cfg) -> list[Stage]:
+def stages(cfg, published: Optional[str] = None) -> list[Stage]:
+    """The stages, wired under ``cfg.output_dir``; ``published``: the run's URI output_dir (see
+    ``pipelines.common.shared``)."""
     out = Path(cfg.output_dir).resolve()
     data = require_data(cfg, NAME, ["unlabeled"])
     owned(cfg.embed.output, "embed.output", f"{out}/embed")
     if not cfg.embed.checkpoint:
         raise ConfigError("embed.checkpoint", "the embed_corpus pipeline needs a checkpoint to embed with "
                                               "(ours, a transformers directory or a fairseq .pt file).")
-    em = replace(cfg.embed, input=manifest(out, "unlabeled"), output=str(out / "embed"), ray=cfg.ray)
+    em = replace(cfg.embed, input=manifest(out, "unlabeled"), output=shared(out, published, "embed"), ray=cfg.ray)
     return [
         prepare(cfg, out, data),
         Stage("embed", embed.run, em, needs=["prepare"]),

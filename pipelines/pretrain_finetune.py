@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from pipelines.common import (given, manifest, none_or, owned, prepare, require_data, trainer_storage,
+from pipelines.common import (given, manifest, none_or, owned, prepare, require_data, shared, trainer_storage,
                               training_storage)
 from speech_ssl.pipeline import Stage
 from speech_ssl.stages import cache, embed, evaluate, finetune, pretrain
@@ -27,7 +27,9 @@ from speech_ssl.stages import cache, embed, evaluate, finetune, pretrain
 NAME = "pretrain_finetune"
 
 
-def stages(cfg) -> list[Stage]:
+def stages(cfg, published: Optional[str] = None) -> list[Stage]:
+    """The stages, wired under ``cfg.output_dir``; ``published``: the run's URI output_dir (see
+    ``pipelines.common.shared``)."""
     out = Path(cfg.output_dir).resolve()
     data = require_data(cfg, NAME, ["unlabeled", "train", "valid", "test"])
     for key, value in (("pretrain.output_dir", cfg.pretrain.output_dir), ("finetune.output_dir", cfg.finetune.output_dir),
@@ -38,7 +40,7 @@ def stages(cfg) -> list[Stage]:
     unlabeled = manifest(out, "unlabeled")
     caching = []
     if cfg.cache:
-        cached = str(out / "cache" / "unlabeled")
+        cached = shared(out, published, "cache", "unlabeled")
         cc = cache.Config(input=unlabeled, output=cached, model=cfg.pretrain.model,
                           model_overrides=cfg.pretrain.model_overrides, sample_rate=cfg.pretrain.data.sample_rate,
                           segment_duration=cfg.pretrain.data.segment_duration, extensions=cfg.pretrain.data.extensions,
@@ -50,15 +52,16 @@ def stages(cfg) -> list[Stage]:
                  data=replace(cfg.pretrain.data, train=given(cfg.pretrain.data.train, unlabeled),
                               valid=none_or(given(cfg.pretrain.data.valid, manifest(out, "valid")))))
     ft_trainer = trainer_storage(cfg.finetune.trainer, cfg.storage_path, out)
-    ft = replace(cfg.finetune, output_dir=str(ft_dir), init=given(cfg.finetune.init, str(pt_dir / "best")),
+    ft = replace(cfg.finetune, output_dir=str(ft_dir),
+                 init=given(cfg.finetune.init, shared(out, published, "pretrain", "best")),
                  trainer=ft_trainer, ray=cfg.ray,
                  data=replace(cfg.finetune.data, train=given(cfg.finetune.data.train, manifest(out, "train")),
                               valid=given(cfg.finetune.data.valid, manifest(out, "valid"))))
-    ev = replace(cfg.evaluate, checkpoint=given(cfg.evaluate.checkpoint, str(ft_dir / "best")),
+    ev = replace(cfg.evaluate, checkpoint=given(cfg.evaluate.checkpoint, shared(out, published, "finetune", "best")),
                  output=str(out / "evaluate" / "results.json"), ray=cfg.ray,
                  data=replace(cfg.evaluate.data, test=given(cfg.evaluate.data.test, manifest(out, "test"))))
-    em = replace(cfg.embed, checkpoint=given(cfg.embed.checkpoint, str(pt_dir / "best")),
-                 input=given(cfg.embed.input, unlabeled), output=str(out / "embed"), ray=cfg.ray)
+    em = replace(cfg.embed, checkpoint=given(cfg.embed.checkpoint, shared(out, published, "pretrain", "best")),
+                 input=given(cfg.embed.input, unlabeled), output=shared(out, published, "embed"), ray=cfg.ray)
     after = ["prepare"] + (["cache"] if caching else [])
     return [
         prepare(cfg, out, data),

@@ -24,6 +24,10 @@ and decides, stage by stage:
     config changed                                 -> resume for stages that continue (training: e.g. a
                                                       larger max_updates), fresh for the others
 
+A pipeline whose later stages depend on what earlier ones found (a calibrated length, a sweep's winner)
+puts a *phase* in the list: a function of the results so far that returns the next stages, called when the
+runner reaches it (see :data:`Phase`). Everything stays one run: one lock, one record per stage, one summary.
+
 A failed stage stops the pipeline with :class:`StageFailed` (the stage, its error, its log and folder);
 stages before it are never touched. Everything a stage prints and logs also goes to
 ``<output_dir>/<stage>/stage.log`` (appended across attempts). One run at a time per ``output_dir``
@@ -92,6 +96,11 @@ class Stage:
     provides: Sequence[str] = ()
     continues: bool = False
     storage: Optional[str] = None
+
+
+# A phase: ``{stage name: result}`` of every stage so far -> the stages that come next. On a re-run the
+# earlier stages are skipped with their recorded results, so the phase builds the same stages again.
+Phase = Callable[[dict[str, Any]], Sequence[Stage]]
 
 
 class StageFailed(SpeechSSLError):
@@ -277,22 +286,27 @@ def _locked(output_dir: Path) -> Iterator[None]:
 # The runner
 
 
-def run_pipeline(name: str, stages: Sequence[Stage], output_dir: str | Path, force: bool = False,
+def run_pipeline(name: str, stages: Sequence[Stage | Phase], output_dir: str | Path, force: bool = False,
                  summarize: Optional[Callable[[Path, dict[str, Any]], dict[str, Any]]] = None) -> dict[str, Any]:
-    """Run ``stages`` in order under ``output_dir``; returns the summary (also written as summary.json/md)."""
+    """Run ``stages`` in order under ``output_dir``; returns the summary (also written as summary.json/md).
+    A :data:`Phase` among them is called when reached, with the results so far; its stages run next."""
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    names = [s.name for s in stages]
-    for stage in stages:
-        unknown = [n for n in stage.needs if n not in names[: names.index(stage.name)]]
-        if unknown:
-            raise ValueError(f"stage {stage.name} needs {unknown}, which do not run before it")
+    pending = list(stages)
+    _check_needs(pending, [])
     started = time.monotonic()
     records: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     with _locked(output_dir):
-        for index, stage in enumerate(stages, 1):
-            tag = f"{stage.name} ({index}/{len(stages)})"
+        while pending:
+            stage = pending.pop(0)
+            if not isinstance(stage, Stage):  # a phase: its stages come next
+                pending[:0] = stage({n: r.get("result") for n, r in records.items()})
+                _check_needs(pending, list(records))
+                continue
+            known = len(rows) + 1 + sum(isinstance(s, Stage) for s in pending)
+            more = "" if all(isinstance(s, Stage) for s in pending) else "+"  # a phase still to come
+            tag = f"{stage.name} ({len(rows) + 1}/{known}{more})"
             folder = output_dir / stage.name
             record = read_record(folder)
             inputs = {n: records[n]["outputs_digest"] for n in stage.needs}
@@ -318,6 +332,21 @@ def run_pipeline(name: str, stages: Sequence[Stage], output_dir: str | Path, for
     write_json(output_dir / "summary.json", summary)
     (output_dir / "summary.md").write_text(render_markdown(summary))
     return summary
+
+
+def _check_needs(stages: Sequence[Stage | Phase], before: Sequence[str]) -> None:
+    """Every stage's needs run before it, and no two stages share a name; checked up to the first phase
+    (the stages after it may need the ones it returns: they are checked when it has run)."""
+    seen = list(before)
+    for stage in stages:
+        if not isinstance(stage, Stage):
+            return
+        unknown = [n for n in stage.needs if n not in seen]
+        if unknown:
+            raise ValueError(f"stage {stage.name} needs {unknown}, which do not run before it")
+        if stage.name in seen:
+            raise ValueError(f"two stages are named {stage.name}")
+        seen.append(stage.name)
 
 
 def _run_stage(stage: Stage, folder: Path, previous: Optional[dict[str, Any]], action: str,

@@ -295,6 +295,10 @@ def _silently(fn, *args) -> None:
 # Local work folders for remote outputs
 
 
+def _work_base() -> Path:
+    return Path(os.environ.get("SPEECH_SSL_WORK_DIR", Path.home() / ".cache" / "speech-ssl" / "work"))
+
+
 def local_work_dir(location: str | os.PathLike) -> Path:
     """A local folder for writing what goes to ``location``: the location itself when it is a local path,
     else a per-location folder under ``$SPEECH_SSL_WORK_DIR`` (default ``~/.cache/speech-ssl/work``) that
@@ -303,23 +307,58 @@ def local_work_dir(location: str | os.PathLike) -> Path:
         return Path(normalize(location))
     import hashlib
 
-    base = Path(os.environ.get("SPEECH_SSL_WORK_DIR", Path.home() / ".cache" / "speech-ssl" / "work"))
     digest = hashlib.sha1(str(location).encode()).hexdigest()[:12]
-    folder = base / digest / name_of(location)  # the same last name as the location (runs key things by it)
+    folder = _work_base() / digest / name_of(location)  # the same last name as the location (runs key things by it)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def local_copy(location: str | os.PathLike) -> Path:
-    """A local folder holding what ``location`` holds (itself when local; a downloaded copy of a URI,
-    refreshed on every call)."""
+def fetched(location: str | os.PathLike) -> Path:
+    """A local path holding what ``location`` holds, for readers that take only local files (loading a
+    model: ``speech_ssl.models`` stays free of this module). A local path is returned as it is; a URI is
+    downloaded once per content into ``$SPEECH_SSL_WORK_DIR/fetched/`` and reused while the files under
+    it (names, sizes, modification times) stay the same.
+
+    Safe to call from many processes on one node at once (Ray Train workers, embed actors): each downloads
+    into its own temporary folder and renames it into place; a loser of that race uses the winner's copy."""
     if not is_uri(location):
         return Path(normalize(location))
-    folder = local_work_dir(str(location).rstrip("/") + "#copy")
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    get_tree(location, folder)
-    return folder
+    import hashlib
+    import json
+
+    uri = normalize(location)
+    fs, path = filesystem(uri)
+    info_ = fs.get_file_info(path)
+    if info_.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing at {uri}")
+    if info_.type == pafs.FileType.File:
+        listing = [(info_.size, info_.mtime_ns)]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        listing = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    key = hashlib.sha1(json.dumps([uri, listing]).encode()).hexdigest()[:16]
+    base = _work_base() / "fetched"
+    final = base / key / name_of(uri)  # the same last name: messages and run-folder logic read it
+    if final.exists():
+        return final
+    tmp = base / f".{key}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        target = tmp / name_of(uri)
+        if info_.type == pafs.FileType.File:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(path) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        else:
+            target.mkdir(parents=True)
+            get_tree(uri, target)
+        try:
+            os.rename(tmp, base / key)
+        except OSError:  # another process got there first: its copy is the same content
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def iter_locations(location: str | os.PathLike) -> Iterator[str]:  # pragma: no cover - convenience

@@ -92,9 +92,36 @@ def ray_head(num_cpus: int = 1, dashboard: bool = False, object_store_bytes: int
         yield RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}" if dashboard else None,
                       dashboard_port)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _live_members(pgid: int, leader: int) -> list[int]:
+    """Processes of group ``pgid`` other than ``leader`` that are still running (not zombies)."""
+    live = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == leader:
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            live.append(int(name))
+    return live
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 5) -> None:
+    """SIGTERM to the head's process group, then SIGKILL to it once the rest of the group has exited or after
+    ``grace_s``. ``ray start --block`` itself never exits after a SIGTERM, and with a dashboard the GCS and the
+    dashboard outlive it by 20 s and more: waiting for them cost each head half a minute (the old 30 s
+    timeout, every time). Nothing of a test head needs a clean shutdown: its whole process tree is this
+    group, and its temp dir is deleted next."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while time.time() < deadline and proc.poll() is None and _live_members(proc.pid, proc.pid):
+        time.sleep(0.2)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)

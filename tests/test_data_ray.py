@@ -1,4 +1,7 @@
-"""The Ray Data path: identical batches to the in-process path, and no starvation inside Train-like workers."""
+"""The Ray Data path: identical batches to the in-process path, and no starvation inside Train-like workers.
+
+The longer Ray Data runs are slow-marked (make test); test-fast keeps the short ones (a stream on Ray inside a
+task with fractional CPUs, the scheduling loop's process)."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ def _same(a, b):
         assert x.audio_seconds == y.audio_seconds and x.padded_seconds == y.padded_seconds
 
 
+@pytest.mark.slow
 def test_ray_and_in_process_paths_give_identical_batches(ray_local, mixed):
     utts, expected = mixed
     norm = TextNormalizer()
@@ -49,6 +53,7 @@ def test_ray_and_in_process_paths_give_identical_batches(ray_local, mixed):
         _same(list(on_ray.iter_epoch(3, start=2)), [b for b in full if b.position >= 2])
 
 
+@pytest.mark.slow
 def test_streams_inside_fractional_cpu_workers_do_not_starve(ray_local, tmp_path):
     """Two Train-like actors at 0.5 CPU each on 2 CPUs, each reading its shard through Ray Data."""
     import ray
@@ -119,6 +124,7 @@ def test_the_scheduling_loop_runs_outside_the_consuming_process(ray_local, mixed
     assert sum(seen) == 10
 
 
+@pytest.mark.slow
 def test_one_helper_actor_serves_every_epoch_and_an_abandoned_epoch_leaks_nothing(ray_local, mixed):
     """A helper process per epoch cost seconds per epoch and per validation pass; one per stream does not."""
     from ray._private.state import actors  # the GCS actor table (the state API needs the dashboard)
@@ -138,6 +144,7 @@ def test_one_helper_actor_serves_every_epoch_and_an_abandoned_epoch_leaks_nothin
     assert len(created) == 1, [info.get("ActorClassName") for info in created]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_stream_whose_decode_tasks_cannot_start_fails_naming_what_is_pending(ray_local, tmp_path):
     """Every CPU held elsewhere (here an actor; in the issue, training workers): an error, not a silent wait."""

@@ -31,8 +31,10 @@ from speech_ssl.embed import shards as shard_io
 from speech_ssl.errors import SpeechSSLError
 from speech_ssl.models import build, save_model
 from speech_ssl.stages.embed import Config, run
-from speech_ssl.train.tasks.pretrain import feature_spec_for
+from speech_ssl.data.model_inputs import feature_spec_for
 
+# The embed stage end to end on Ray (slow); its parts (the embedder, shard tables, scans) are test_embed.py's.
+pytestmark = pytest.mark.slow
 TOL = 1e-4
 LAYERS = [0, 2, 4]  # asked as [0,2,-1] of the 4-layer tiny model
 

@@ -106,7 +106,14 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+# Each case is a fresh `python -m speech_ssl` (seconds of imports): test-fast keeps the data check (exit 1, not
+# covered in-process); the configuration checks (exit 2) are slow-marked here and proven in-process by
+# test_cli.py::test_bad_configuration_exits_2_with_the_key_named.
+FAST_CASE = "manifest moved away from its audio"
+
+
+@pytest.mark.parametrize("case", [c if c == FAST_CASE else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in sorted(BAD_INPUTS)])
 def test_bad_input_is_one_paragraph_in_seconds_before_ray_and_leaves_nothing(case, corpus, tmp_path):
     make_extra, code, needle = BAD_INPUTS[case]
     (tmp_path / "a_file").write_text("not a folder")
@@ -125,6 +132,7 @@ def test_bad_input_is_one_paragraph_in_seconds_before_ray_and_leaves_nothing(cas
     assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_finetune_with_a_missing_init_checkpoint_fails_before_anything(corpus, tmp_path):
     args = ["finetune", "init=/nonexistent/ckpt", f"data.train={corpus[0]}", f"data.valid={corpus[1]}",
             f"output_dir={tmp_path / 'ft'}"]
@@ -251,21 +259,23 @@ def _assert_stopped(code: int, output: str, seconds: float, expected: int, name:
 @pytest.mark.timeout(600)
 def test_sigint_to_the_group_stops_with_a_checkpoint_and_the_resumed_run_equals_a_straight_one(corpus, tmp_path):
     # The uninterrupted run goes on beside the interrupted one (each on its own embedded Ray): most of a run
-    # here is waiting for Ray and its workers to start.
-    straight = subprocess.Popen([*CLI, *pretrain_args(corpus, tmp_path / "straight")], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env={**os.environ, **QUIET})
+    # here is waiting for Ray and its workers to start. 8 updates: stopped after update 3 or a little later,
+    # the resumed run still has several updates to match bit for bit (checkpoint_every=10: no interval one).
+    straight = subprocess.Popen([*CLI, *pretrain_args(corpus, tmp_path / "straight", max_updates=8)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **QUIET})
     resumed = tmp_path / "resumed"
     try:
-        code, output, seconds = start_and_signal(pretrain_args(corpus, resumed), "update 3/12", signal.SIGINT,
-                                                 to_group=True)
+        code, output, seconds = start_and_signal(pretrain_args(corpus, resumed, max_updates=8), "update 3/8",
+                                                 signal.SIGINT, to_group=True)
         _, straight_err = straight.communicate(timeout=300)
     finally:
         straight.kill()
     assert straight.returncode == 0, straight_err[-3000:]
     checkpoint = _assert_stopped(code, output, seconds, 130, "SIGINT")
     stopped_at = int(checkpoint.name.split("_")[1])
-    assert 3 <= stopped_at < 12, checkpoint  # the update it stopped after, written then (not the last interval)
-    again, _ = run_cli(pretrain_args(corpus, resumed), timeout=300)
+    assert 3 <= stopped_at < 8, checkpoint  # the update it stopped after, written then (not the last interval)
+    again, _ = run_cli(pretrain_args(corpus, resumed, max_updates=8), timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {checkpoint}" in again.stdout + again.stderr
     a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
@@ -306,6 +316,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow  # a CLI subprocess; the lock itself is tested in-process below
 def test_a_second_command_on_a_busy_output_dir_refuses_at_once_naming_the_first(corpus, tmp_path):
     folder = tmp_path / "run"
     holder = _hold_lock(folder)

@@ -19,7 +19,7 @@ from speech_ssl.cli import main
 from speech_ssl.pipeline import RECORD, Stage, decide, read_record
 from speech_ssl.train import checkpoint as ckpt
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+pytestmark = pytest.mark.timeout(300)  # the pipeline runs are slow-marked; the checks and decisions are not
 
 STAGES = ["prepare", "pretrain", "finetune", "evaluate", "embed"]
 
@@ -84,6 +84,7 @@ def _kill_during_pretraining(corpus, out: Path) -> None:
         log.close()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_reruns_skip_and_changes_rerun_what_reads_them(ray_local, corpus, tmp_path, capsys):
     out = tmp_path / "run"
 
@@ -145,6 +146,7 @@ def test_killed_run_resumes_reruns_skip_and_changes_rerun_what_reads_them(ray_lo
     assert json.loads((out / "finetune" / "train_summary.json").read_text())["resumes"] == 0
 
 
+@pytest.mark.slow
 def test_failed_stage_stops_the_pipeline_and_the_same_command_continues_after_the_fix(ray_local, corpus, tmp_path,
                                                                                         capsys):
     from speech_ssl.models import build, save_model
@@ -214,6 +216,7 @@ def test_decisions():
     assert decide(training, done, {"a": "1"}, "other", force=False) == "resume"  # e.g. more updates
 
 
+@pytest.mark.slow
 def test_cache_stage_feeds_pretraining_and_embedding(ray_local, corpus, tmp_path):
     out = tmp_path / "cached"
     assert main(_args(corpus, out, "cache=true")) == 0

@@ -64,6 +64,7 @@ def test_prepare_with_full_decode_finds_everything(tmp_path, capsys):
     assert {r["sample_rate"] for r in rows} >= {8000, 16000, 22051, 44100, 48000}
 
 
+@pytest.mark.slow  # an embedded Ray and a Ray Data scan; the threaded scan's tests above stay in test-fast
 def test_prepare_on_ray_data_matches_the_threaded_scan(mixed, tmp_path):
     import ray
 

@@ -183,6 +183,7 @@ def _pretrain_in_process(cfg: pretrain.Config) -> dict:
     return run_training(task, cfg.trainer, Path(cfg.output_dir))
 
 
+@pytest.mark.slow  # two in-process pretraining runs; the probe itself is tested above, its config errors below
 def test_pretraining_logs_probe_accuracy_and_is_not_disturbed_by_it(corpora, tmp_path):
     probed = _pretrain_in_process(_pretrain_cfg(corpora, tmp_path / "probed", every=2))
     plain = _pretrain_in_process(_pretrain_cfg(corpora, tmp_path / "plain", every=0))

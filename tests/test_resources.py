@@ -11,7 +11,6 @@ import time
 import pytest
 
 from audio_factory import make_corpus
-from ray_heads import ray_head
 from speech_ssl.errors import SpeechSSLError
 from speech_ssl.train import resources
 from speech_ssl.train.resources import ClusterResources, plan_resources
@@ -114,18 +113,17 @@ def test_the_documented_command_trains_two_workers_on_two_cpus(tmp_path):
 
 @pytest.mark.timeout(180)
 @pytest.mark.slow
-def test_a_cluster_that_cannot_hold_the_run_fails_fast_with_one_paragraph(tmp_path):
-    """A separate 2-CPU head joined by address (in a fresh process, as a user's driver would: this process's Ray
-    keeps the auth mode it read at import), the wait shortened to 3 s."""
+def test_a_cluster_that_cannot_hold_the_run_fails_fast_with_one_paragraph(tmp_path, shared_ray_head):
+    """The session's separate 2-CPU head (conftest.shared_ray_head) joined by address (in a fresh process, as a
+    user's driver would: this process's Ray keeps the auth mode it read at import), the wait shortened to 3 s."""
     manifest = make_corpus(tmp_path / "corpus", n=4, min_seconds=1.2, max_seconds=2.0, split="train")
     driver = ("import sys; from speech_ssl.train import resources; resources.CLUSTER_WAIT_S = 3.0; "
               "from speech_ssl.cli import main; sys.exit(main(sys.argv[1:]))")
-    with ray_head(num_cpus=2) as head:
-        started = time.monotonic()
-        done = subprocess.run([sys.executable, "-c", driver, "pretrain", "model=tiny", "trainer.num_workers=2",
-                               f"data.train={manifest}", f"output_dir={tmp_path / 'run'}",
-                               f"ray.address={head.address}"], capture_output=True, text=True, timeout=150)
-        elapsed = time.monotonic() - started
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", driver, "pretrain", "model=tiny", "trainer.num_workers=2",
+                           f"data.train={manifest}", f"output_dir={tmp_path / 'run'}",
+                           f"ray.address={shared_ray_head.address}"], capture_output=True, text=True, timeout=150)
+    elapsed = time.monotonic() - started
     err = done.stderr.strip()
     assert done.returncode == 1, err[-3000:]
     assert elapsed < 60

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ray_heads import free_port, listening_addresses, ray_head
+from ray_heads import free_port, listening_addresses
 from speech_ssl.runtime import RayConfig, dashboard_url, ray_session
 
 
@@ -29,18 +29,19 @@ def test_embedded_ray_dashboard_is_bound_to_localhost_only():
 
 @pytest.mark.timeout(180)
 @pytest.mark.slow
-def test_ray_address_joins_an_existing_cluster_and_leaves_it_running():
+def test_ray_address_joins_an_existing_cluster_and_leaves_it_running(shared_ray_head):
+    """The session's separate head (2 CPUs, conftest.shared_ray_head); the port shows which Ray was joined."""
     import ray
 
-    with ray_head() as head:
-        address = head.address
-        with ray_session(RayConfig(address=address)):
+    address = shared_ray_head.address
+    with ray_session(RayConfig(address=address)):
+        assert ray.get_runtime_context().gcs_address.endswith(address.split(":")[1])
+    assert not ray.is_initialized()
+    # The cluster is still up: joining again (through RAY_ADDRESS this time) works.
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        with ray_session(RayConfig()):
             assert ray.get_runtime_context().gcs_address.endswith(address.split(":")[1])
-        assert not ray.is_initialized()
-        # The cluster is still up: joining again (through RAY_ADDRESS this time) works.
-        os.environ["RAY_ADDRESS"] = address
-        try:
-            with ray_session(RayConfig()):
-                assert ray.cluster_resources()["CPU"] == 1
-        finally:
-            del os.environ["RAY_ADDRESS"]
+            assert ray.cluster_resources()["CPU"] == 2
+    finally:
+        del os.environ["RAY_ADDRESS"]

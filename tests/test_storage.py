@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from audio_factory import make_corpus, make_mixed_manifest
+from audio_factory import make_corpus, make_mixed_manifest, make_toy_asr_corpus, toy_words
 from speech_ssl import storage
 
 BUCKET = "speech-ssl-test"
@@ -89,6 +89,33 @@ def test_storage_writes_reads_and_lists_on_s3_and_local(s3, tmp_path):
     storage.write_text(tmp_path / "loc" / "f.txt", "hello")
     assert os.listdir(tmp_path / "loc") == ["f.txt"] and (tmp_path / "loc" / "f.txt").read_text() == "hello"
     assert storage.name_of(f"{s3}/runs/pt/") == "pt" and storage.parent_of(f"{s3}/runs/pt") == f"{s3}/runs"
+
+
+def test_fetched_downloads_a_uri_once_per_content_and_races_safely(s3, tmp_path, monkeypatch):
+    """What a Ray Train worker or an embed actor does with ``init=s3://...``/``checkpoint=s3://...``: a
+    local copy made once per node and content, even when several processes ask at the same moment."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("SPEECH_SSL_WORK_DIR", str(tmp_path / "work"))
+    assert storage.fetched(tmp_path / "here") == tmp_path / "here"  # local paths pass through
+    src = f"{s3}/fetch/best"
+    storage.write_text(f"{src}/config.json", '{"a": 1}')
+    storage.write_bytes(f"{src}/model.safetensors", b"w" * 50_000)
+    with ThreadPoolExecutor(4) as pool:
+        copies = list(pool.map(lambda _: storage.fetched(src), range(4)))
+    assert len(set(copies)) == 1 and copies[0].name == "best", copies
+    first = copies[0]
+    assert sorted(p.name for p in first.iterdir()) == ["config.json", "model.safetensors"]
+    assert (first / "model.safetensors").read_bytes() == b"w" * 50_000
+    assert not [p for p in (tmp_path / "work" / "fetched").iterdir() if ".tmp-" in p.name]  # losers cleaned up
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert storage.fetched(src) == first and (first / "config.json").stat().st_mtime_ns == stamp  # reused
+    storage.write_text(f"{src}/config.json", '{"a": 22}')  # new content: a new copy
+    second = storage.fetched(src)
+    assert second != first and (second / "config.json").read_text() == '{"a": 22}'
+    assert storage.fetched(f"{src}/config.json").read_text() == '{"a": 22}'  # a single file too
+    with pytest.raises(FileNotFoundError, match="nothing at"):
+        storage.fetched(f"{s3}/fetch/missing")
 
 
 def test_a_failed_write_keeps_the_previous_file(s3, tmp_path):
@@ -234,3 +261,57 @@ def test_embed_on_two_nodes_writes_complete_unduplicated_shards_to_s3(s3, two_no
     again = embed.run(cfg)
     assert again["counts"].get("embedded_this_run", 0) == 0, again["counts"]
     assert [f for f in all_files(out) if f.startswith("part-")] == shards
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_run_on_two_nodes_publishes_every_stage_to_s3_and_a_fresh_head_skips_them(s3, two_nodes, tmp_path,
+                                                                                   monkeypatch):
+    """``speech-ssl run output_dir=s3://...``: the stages that read an earlier stage's output (fine-tuning
+    workers spread over both nodes, evaluation, the embed actors) read it from the URI, embeddings go
+    straight there, and a driver with no local work folder finds everything finished."""
+    import shutil
+
+    from speech_ssl.cli import main
+    from test_pipeline import _args
+
+    words = toy_words(6, seed=2)
+    corpus = {"unlabeled": make_corpus(tmp_path / "c", n=6, min_seconds=1.2, max_seconds=2.0, split="unlabeled"),
+              "train": make_toy_asr_corpus(tmp_path / "c", n=6, seed=0, split="train", words=words),
+              "valid": make_toy_asr_corpus(tmp_path / "c", n=2, seed=1, split="valid", words=words),
+              "test": make_toy_asr_corpus(tmp_path / "c", n=2, seed=2, split="test", words=words)}
+    work = tmp_path / "driver-work"
+    monkeypatch.setenv("SPEECH_SSL_WORK_DIR", str(work))
+    out = f"{s3}/runs/all"
+    spread = ["finetune.trainer.num_workers=2", "finetune.trainer.cpus_per_worker=0.5",
+              "finetune.trainer.placement_strategy=STRICT_SPREAD", "finetune.data.num_cpus_per_reader=0.5",
+              "pretrain.trainer.max_updates=4", "embed.num_actors=2", "embed.actor_cpus=0.5"]
+    args = [a for a in _args(corpus, Path(out), *spread) if not a.startswith("ray.")]
+    args = [f"output_dir={out}" if a.startswith("output_dir=") else a for a in args]
+    assert main(args) == 0
+
+    files = all_files(out)
+    for name in ("summary.json", "summary.md", "pretrain/best/model.safetensors", "finetune/best/vocab.json",
+                 "evaluate/results.json", "embed/_summary.json", "pretrain/checkpoint_00000004/COMPLETE.json",
+                 *(f"{stage}/stage.json" for stage in ("prepare", "pretrain", "finetune", "evaluate", "embed"))):
+        assert name in files, (name, files)
+    assert [f for f in files if f.startswith("embed/part-") and f.endswith(".parquet")], files
+    assert not [f for f in files if ".tmp" in f], files
+    records = {stage: json.loads(storage.read_text(f"{out}/{stage}/stage.json"))
+               for stage in ("finetune", "evaluate", "embed")}
+    assert all(r["status"] == "done" for r in records.values()), records
+    wired = {"finetune.init": records["finetune"]["config"]["init"],
+             "evaluate.checkpoint": records["evaluate"]["config"]["checkpoint"],
+             "embed.checkpoint": records["embed"]["config"]["checkpoint"],
+             "embed.output": records["embed"]["config"]["output"]}
+    assert wired == {"finetune.init": f"{out}/pretrain/best", "evaluate.checkpoint": f"{out}/finetune/best",
+                     "embed.checkpoint": f"{out}/pretrain/best", "embed.output": f"{out}/embed"}, wired
+    assert len(set(records["finetune"]["result"]["worker_nodes"])) == 2, records["finetune"]["result"]
+    assert not list(work.rglob("*.parquet"))  # the embedding never went through the driver's disk
+
+    shutil.rmtree(work)  # a fresh head: everything it needs is on S3
+    assert main(args) == 0
+    summary = json.loads(storage.read_text(f"{out}/summary.json"))
+    assert {row["stage"]: row["status"] for row in summary["stages"]} == {
+        "prepare": "skipped", "pretrain": "skipped", "finetune": "skipped", "evaluate": "skipped",
+        "embed": "skipped"}, summary["stages"]

@@ -234,6 +234,7 @@ def test_nested_state_round_trip(tmp_path):
         torch.testing.assert_close(opt2.state_dict()["state"][0][k], v)
 
 
+@pytest.mark.slow  # torch.compile of the loop (test_models_compile.py compiles the model itself)
 @pytest.mark.timeout(300)
 def test_compile_gives_the_eager_run(tmp_path):
     """trainer.compile=true: the loop trains the compiled model (the task's model compiled in place, so

@@ -14,7 +14,6 @@ timing the data wait, the forward pass and the search separately (``timing``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import queue
@@ -30,6 +29,7 @@ import torch
 from speech_ssl.asr.decoding import BeamConfig, build_decoder
 from speech_ssl.config import ConfigError, from_dict
 from speech_ssl.data import BatchStream, DataConfig, TextConfig, TextNormalizer, Utterance, Vocabulary
+from speech_ssl.data.model_inputs import inference_data, model_batch_stream
 from speech_ssl.errors import SpeechSSLError
 from speech_ssl.precision import autocast, resolve_precision
 
@@ -40,7 +40,18 @@ LEXICON_WORDS_FILE = "lexicon_words.json"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory (or file); a fine-tuning run's ``output_dir`` means its ``best`` checkpoint."""
+    """A checkpoint directory (or file); a fine-tuning run's ``output_dir`` means its ``best`` checkpoint.
+    A URI is downloaded (``storage.fetched``): the checkpoint itself, or a run's best/last, not the run."""
+    from speech_ssl import storage
+
+    if storage.is_uri(path):
+        uri = storage.normalize(path)
+        if not storage.exists(uri):
+            raise SpeechSSLError(f"no checkpoint at {path}")
+        if storage.is_dir(uri) and not storage.exists(storage.join(uri, "config.json")):
+            uri = next((storage.join(uri, sub) for sub in ("best", "last")
+                        if storage.exists(storage.join(uri, sub, "config.json"))), uri)
+        return storage.fetched(uri)
     p = Path(path).expanduser()
     if not p.exists():
         raise SpeechSSLError(f"no checkpoint at {path}")
@@ -169,15 +180,12 @@ class Recognizer:
     # -- data ------------------------------------------------------------------------------------------
     def batches(self, utterances: Sequence[Utterance], data: DataConfig, use_ray: bool) -> BatchStream:
         """Padded batches of ``utterances`` in length order (no shuffling), at the model's sample rate."""
-        from speech_ssl.train.tasks.pretrain import feature_spec_for
-
-        rate = self.model.config.sample_rate
-        if data.sample_rate != rate:
+        config = self.model.config
+        if data.sample_rate != config.sample_rate:
             log.info("the model was trained at %d Hz: audio is resampled to it (data.sample_rate=%d ignored)",
-                     rate, data.sample_rate)
-        data = dataclasses.replace(data, sample_rate=rate, shuffle=False)
-        spec = feature_spec_for(self.model.config, rate)
-        return BatchStream(utterances, data, spec, mode="pad", use_ray=use_ray, normalizer=self.normalizer)
+                     config.sample_rate, data.sample_rate)
+        return model_batch_stream(utterances, inference_data(data, config), config, "pad", use_ray=use_ray,
+                                  normalizer=self.normalizer)
 
     # -- inference -------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -4,6 +4,7 @@ The path of data: ``read_source`` (manifest rows, durations) -> ``BatchStream`` 
 bucket, shuffle, shard) -> Ray Data CPU tasks (decode, downmix, resample, normalise, fbank, crop/pad,
 quarantine) -> ``Batch`` tensors on the training worker. ``IngestReport`` keeps the counts
 read = used + quarantined + filtered. ``Vocabulary`` and ``TextNormalizer`` are the CTC text side.
+``model_inputs`` is the seam to the models: a model's features, frame rate, receptive field and batches.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ _EXPORTS = {
     "FeatureSpec": "audio", "decode_utterance": "audio",
     "DataConfig": "config", "TextConfig": "config",
     "IngestReport": "report", "QuarantineError": "report",
+    "feature_spec_for": "model_inputs", "frame_rate": "model_inputs", "inference_data": "model_inputs",
+    "input_steps": "model_inputs", "model_batch_stream": "model_inputs", "receptive_field_seconds": "model_inputs",
     "AUDIO_EXTENSIONS": "sources", "Utterance": "sources", "UtteranceList": "sources", "read_source": "sources",
     "Batch": "stream", "BatchStream": "stream",
     "TextNormalizer": "text", "Vocabulary": "text",
@@ -26,6 +29,8 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from speech_ssl.data.audio import FeatureSpec, decode_utterance
     from speech_ssl.data.config import DataConfig, TextConfig
+    from speech_ssl.data.model_inputs import (feature_spec_for, frame_rate, inference_data, input_steps,
+                                              model_batch_stream, receptive_field_seconds)
     from speech_ssl.data.report import IngestReport, QuarantineError
     from speech_ssl.data.sources import AUDIO_EXTENSIONS, Utterance, UtteranceList, read_source
     from speech_ssl.data.stream import Batch, BatchStream
@@ -47,5 +52,6 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AUDIO_EXTENSIONS", "Batch", "BatchStream", "DataConfig", "FeatureSpec", "IngestReport", "QuarantineError",
-    "TextConfig", "TextNormalizer", "Utterance", "UtteranceList", "Vocabulary", "decode_utterance", "read_source",
+    "TextConfig", "TextNormalizer", "Utterance", "UtteranceList", "Vocabulary", "decode_utterance", "feature_spec_for",
+    "frame_rate", "inference_data", "input_steps", "model_batch_stream", "read_source", "receptive_field_seconds",
 ]

@@ -52,7 +52,10 @@ class ShardEmbedder:
         if spec.device == "cpu" and spec.threads > 0:
             torch.set_num_threads(spec.threads)
         self.spec = spec
-        self.embedder = Embedder.from_checkpoint(spec.checkpoint, layers=spec.layers, pooling=spec.pooling,
+        from speech_ssl import storage
+
+        # A URI checkpoint is downloaded once per node (storage.fetched), wherever this actor runs.
+        self.embedder = Embedder.from_checkpoint(storage.fetched(spec.checkpoint), layers=spec.layers, pooling=spec.pooling,
                                                  device=spec.device, precision=spec.precision, dtype=spec.dtype,
                                                  compile=spec.compile)
         # What precision=auto became on this actor's device, in every shard it writes.

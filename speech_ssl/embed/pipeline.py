@@ -26,17 +26,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
+from speech_ssl import storage
 from speech_ssl.data.audio import FeatureSpec
+from speech_ssl.data.model_inputs import feature_spec_for, frame_rate, receptive_field_seconds
 from speech_ssl.data.report import IngestReport
 from speech_ssl.embed import shards as shard_io
 from speech_ssl.embed.actor import ActorSpec, ShardEmbedder, release_freed_memory
 from speech_ssl.embed.decode import DECODE_WORKER_BYTES, decode_shards, unpack_shard
-from speech_ssl.embed.model_config import read_model_config
+from speech_ssl.embed.model_config import padding_exact_by, read_model_config
 from speech_ssl.embed.placement import MAX_CPU_ACTORS_PER_NODE, Placement, place
 from speech_ssl.embed.planning import MIN_SHARD_SECONDS, ShardPlan, plan_shards, shard_job
 from speech_ssl.errors import SpeechSSLError
@@ -69,7 +70,7 @@ class Progress(_Progress):
 def fingerprint_of(checkpoint: str, layers: list[int], pooling: str, dtype: str, precision: str,
                    spec: FeatureSpec, segment_duration: float) -> dict[str, Any]:
     """What must match for a re-run to add to an output (compared against every finished shard)."""
-    return {"checkpoint": os.path.abspath(os.path.expanduser(checkpoint)), "layers": list(layers),
+    return {"checkpoint": storage.normalize(checkpoint), "layers": list(layers),
             "pooling": pooling, "dtype": dtype, "precision": precision, "feature": asdict(spec),
             "segment_duration": segment_duration}
 
@@ -139,10 +140,9 @@ def _check_choices(cfg) -> None:
 def _prepare(cfg) -> _Work:
     """Checks, the model's configuration, the output folder's finished work, and the rows still to embed."""
     from speech_ssl.embed.embedder import resolve_layers
-    from speech_ssl.train.tasks.pretrain import feature_spec_for
 
     _check_choices(cfg)
-    model_cfg, architecture = read_model_config(cfg.checkpoint)
+    model_cfg, architecture = read_model_config(storage.fetched(cfg.checkpoint))
     layers = resolve_layers(cfg.layers, model_cfg.num_layers)
     spec = feature_spec_for(model_cfg, cfg.data.sample_rate)
     fingerprint = fingerprint_of(cfg.checkpoint, layers, cfg.pooling, cfg.dtype, cfg.precision, spec,
@@ -177,7 +177,6 @@ def _select_rows(work: _Work) -> None:
     from speech_ssl.data import read_source
     from speech_ssl.data.cache import check_spec
     from speech_ssl.data.plan import expand_rows
-    from speech_ssl.embed.model_config import receptive_field_seconds
 
     cfg, report = work.cfg, work.report
     utterances = read_source(cfg.input, cfg.data.extensions, tsv_sample_rate=cfg.data.tsv_sample_rate)
@@ -203,7 +202,6 @@ def _embed(work: _Work) -> _Embedded:
     from speech_ssl.data.collate import Collator
     from speech_ssl.embed.dataflow import run_shards
     from speech_ssl.embed.decode import decode_task_memory
-    from speech_ssl.embed.model_config import frame_rate
     from speech_ssl.embed.planning import shard_seconds_for
     from speech_ssl.precision import resolve_precision
     from speech_ssl.runtime import ray_session
@@ -221,7 +219,7 @@ def _embed(work: _Work) -> _Embedded:
                                   shard_seconds_for(cfg.shard_seconds, todo_seconds, placement.num_actors),
                                   work.run_number)
         actor_spec = ActorSpec(
-            checkpoint=os.path.abspath(os.path.expanduser(cfg.checkpoint)), layers=work.layers, pooling=cfg.pooling,
+            checkpoint=storage.normalize(cfg.checkpoint), layers=work.layers, pooling=cfg.pooling,
             dtype=cfg.dtype, precision=cfg.precision, device=placement.device, threads=placement.threads,
             output=out.location, unit_seconds=work.spec.unit_seconds,
             concurrent_shards=cfg.concurrent_shards or (4 if placement.device == "cuda" else 1),
@@ -256,7 +254,6 @@ def _write_summary(work: _Work, embedded: _Embedded, wall: float) -> dict[str, A
     """``_quarantine.jsonl`` and ``_summary.json`` (earlier runs' entries kept under ``runs``), and the last
     log lines."""
     from speech_ssl.config import to_dict
-    from speech_ssl.embed.model_config import frame_rate, padding_exact_by
 
     cfg, out, report, this_run, model_cfg = work.cfg, work.out, work.report, embedded.report, work.model_cfg
     out.write_text(shard_io.QUARANTINE, "".join(json.dumps(e) + "\n" for e in report.entries))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from speech_ssl.data import BatchStream, DataConfig, IngestReport, TextNormalizer, Utterance
+from speech_ssl.data.model_inputs import inference_data, model_batch_stream
 
 FBANK_BINS = 80
 
@@ -33,13 +34,10 @@ def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 def model_batches(model_config: Any, utterances: Sequence[Utterance], data: DataConfig,
                   normalizer: Optional[TextNormalizer] = None) -> BatchStream:
-    """Padded batches (length order, in this process) of what ``model_config``'s front end reads."""
-    from speech_ssl.train.tasks.pretrain import feature_spec_for
-
-    rate = model_config.sample_rate
-    data = dataclasses.replace(data, sample_rate=rate, shuffle=False)
-    return BatchStream(utterances, data, feature_spec_for(model_config, rate), mode="pad", use_ray=False,
-                       normalizer=normalizer)
+    """Padded batches (length order, in this process, at the model's rate) of what ``model_config``'s front
+    end reads."""
+    return model_batch_stream(utterances, inference_data(data, model_config), model_config, "pad", use_ray=False,
+                              normalizer=normalizer)
 
 
 def fbank_batches(utterances: Sequence[Utterance], data: DataConfig, sample_rate: int = 16000) -> BatchStream:

@@ -91,12 +91,12 @@ def run(cfg: Config) -> dict[str, Any]:
 
     from speech_ssl.data import cache
     from speech_ssl.data.audio import is_uri
+    from speech_ssl.data.model_inputs import feature_spec_for
     from speech_ssl.data.report import IngestReport
     from speech_ssl.errors import SpeechSSLError
     from speech_ssl.progress import Progress
     from speech_ssl.runtime import ray_session
     from speech_ssl.stages.common import resolve_model_config
-    from speech_ssl.train.tasks.pretrain import feature_spec_for
 
     _check(cfg)
     spec = feature_spec_for(resolve_model_config(cfg.model, cfg.model_overrides), cfg.sample_rate)

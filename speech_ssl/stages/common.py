@@ -185,7 +185,7 @@ def check_caches_fit(key: str, rows: Any, model_config: Any, sample_rate: int) -
     if not caches:
         return
     from speech_ssl.data.cache import check_spec
-    from speech_ssl.train.tasks.pretrain import feature_spec_for
+    from speech_ssl.data.model_inputs import feature_spec_for
 
     spec = feature_spec_for(model_config, sample_rate)
     for cache in caches:

@@ -109,18 +109,30 @@ class Config:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Run the pipeline; returns its summary (printed at the end; the Markdown in <output_dir>/summary.md)."""
-    import pipelines
-    from speech_ssl.pipeline import render_console, run_pipeline
-    from speech_ssl.runtime import ray_session
-
     from speech_ssl.stages.common import check_output_dir
 
     check_output_dir("output_dir", cfg.output_dir)
     if storage.is_uri(cfg.output_dir):
         return _run_on_uri(cfg)
+    return _run(cfg)
+
+
+def _run(cfg: Config, published: Optional[str] = None) -> dict[str, Any]:
+    """The pipeline in the local folder ``cfg.output_dir``; with ``published`` (the URI output_dir), what a
+    later stage reads from an earlier one (checkpoints, embeddings) is wired to and read from the URI, and
+    each stage's folder is uploaded as soon as it finishes, so that a stage on another node finds it."""
+    import dataclasses
+
+    import pipelines
+    from speech_ssl.pipeline import render_console, run_pipeline
+    from speech_ssl.runtime import ray_session
+
     definition = pipelines.load(cfg.pipeline)
-    stages = definition.stages(cfg)  # every configuration error surfaces here, before Ray starts
-    log.info("pipeline %s: %s -> %s", cfg.pipeline, " -> ".join(s.name for s in stages), cfg.output_dir)
+    stages = definition.stages(cfg, published)  # every configuration error surfaces here, before Ray starts
+    if published is not None:
+        stages = [dataclasses.replace(s, fn=_uploading(s.fn, cfg.output_dir, published, s.name)) for s in stages]
+    log.info("pipeline %s: %s -> %s", cfg.pipeline, " -> ".join(s.name for s in stages),
+             published or cfg.output_dir)
     with ray_session(cfg.ray, log_dir=f"{cfg.output_dir.rstrip('/')}/logs"):  # says where the dashboard is
         summary = run_pipeline(cfg.pipeline, stages, cfg.output_dir, force=cfg.force,
                                summarize=definition.summarize)
@@ -128,25 +140,47 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def _uploading(fn, work: str, uri: str, stage: str):
+    """``fn``, then the stage's local folder uploaded to ``<uri>/<stage>`` (its checkpoints are there already)."""
+
+    def run_then_upload(config):
+        result = fn(config)
+        storage.put_tree(f"{work}/{stage}", storage.join(uri, stage),
+                         exclude=lambda rel: _is_checkpoint_file(f"{stage}/{rel}"))
+        return result
+
+    return run_then_upload
+
+
 def _is_checkpoint_file(rel: str) -> bool:
-    """``<stage>/checkpoint_*/...`` and Ray Train's own run files: they stay where they are (the URI)."""
+    """``<stage>/checkpoint_*/...`` (and Ray Train's own run files): they stay where they are (the URI)."""
     parts = rel.split("/")
     return len(parts) > 2 and parts[1].startswith("checkpoint_")
+
+
+# Files that later stages read from the URI itself (weights, embedding and cache shards): a driver seeding
+# its work folder from the URI leaves them there.
+_READ_FROM_URI = (".safetensors", ".parquet", ".arrow")
+
+
+def _is_seeded(rel: str) -> bool:
+    return not (_is_checkpoint_file(rel) or rel.endswith(_READ_FROM_URI))
 
 
 def _run_on_uri(cfg: Config) -> dict[str, Any]:
     """``output_dir`` on a URI: run in the driver's local work folder (same last name, so checkpoints keyed
     by it land at ``<output_dir>/<stage>``), seeded from what the URI already holds (records, manifests,
-    configs: a re-run on a fresh head skips and resumes as locally), uploaded at the end, success or not."""
+    configs: a re-run on a fresh head skips and resumes as locally), each stage uploaded when it finishes,
+    everything once more at the end, success or not."""
     import dataclasses
 
     uri = storage.normalize(cfg.output_dir)
     work = storage.local_work_dir(uri)
-    storage.get_tree(uri, work, exclude=_is_checkpoint_file)
+    storage.get_tree(uri, work, exclude=lambda rel: not _is_seeded(rel))
     local = dataclasses.replace(cfg, output_dir=str(work),
                                 storage_path=cfg.storage_path or storage.parent_of(uri))
     try:
-        return run(local)
+        return _run(local, published=uri)
     finally:
         storage.put_tree(work, uri, skip=(".speech-ssl.lock",), exclude=_is_checkpoint_file)
         log.info("outputs uploaded to %s", uri)

@@ -92,17 +92,33 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, out_path: Path) -> Path:
+    """Lay ``fig`` out, write it as a PNG atomically (a reader never sees half an image) and close it."""
+    fig.tight_layout()
+    tmp = Path(out_path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    pyplot().close(fig)
+    tmp.replace(out_path)
+    return Path(out_path)
+
+
 def plot_curves(metrics_path: Path, out_path: Path, panels: Sequence[tuple[str, Sequence[str]]],
                 title: str = "") -> Optional[Path]:
     """A PNG with one panel per (title, [metric keys]) from ``metrics.jsonl`` (train and valid lines)."""
     records = read_metrics(metrics_path)
     if not records:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
@@ -123,12 +139,7 @@ def plot_curves(metrics_path: Path, out_path: Path, panels: Sequence[tuple[str, 
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    tmp = Path(out_path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(out_path)
-    return Path(out_path)
+    return save_figure(fig, out_path)
 
 
 class CollapseMonitor:

@@ -18,10 +18,10 @@ import torch
 from speech_ssl.asr.decoding import greedy_decode
 from speech_ssl.asr.scoring import error_counts, rates
 from speech_ssl.data import BatchStream, DataConfig, TextNormalizer, Utterance, Vocabulary
+from speech_ssl.data.model_inputs import input_steps, model_batch_stream
 from speech_ssl.data.read_plan import ReadPlan
 from speech_ssl.models.config import ModelConfig, ModelOverrides, resolve_config
 from speech_ssl.train.task import StepOutput
-from speech_ssl.train.tasks.pretrain import feature_spec_for, use_ray_data
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ def init_model_config(init: str) -> tuple[ModelConfig, bool]:
     where the checkpoint allows (``models.checkpoint.read_model_config``)."""
     from speech_ssl.models.checkpoint import read_model_config
 
-    config, architecture = read_model_config(init)
+    from speech_ssl import storage
+
+    config, architecture = read_model_config(storage.fetched(init))  # a URI: a local copy, once per node
     return config, architecture.rsplit(":", 1)[-1].split(",")[0] == "Wav2Vec2ForCTC"
 
 
@@ -105,15 +107,6 @@ class CTCConfig:
     freeze_feature_encoder: bool = True
     freeze_updates: int = 0
     select_by: str = field(default="valid_wer", metadata={"choices": ["valid_wer", "valid_cer", "valid_loss"]})
-
-
-def input_units(model_config: Any, seconds: float) -> int:
-    """Length of ``seconds`` of audio in the model's input units (samples, or 10 ms fbank frames)."""
-    samples = int(round(seconds * model_config.sample_rate))
-    if model_config.frontend == "fbank":  # kaldi fbank, 25 ms window, 10 ms hop, snip_edges
-        window, hop = model_config.sample_rate * 25 // 1000, model_config.sample_rate // 100
-        return max(0, 1 + (samples - window) // hop)
-    return samples
 
 
 def ctc_frames_needed(target: list[int]) -> int:
@@ -164,7 +157,9 @@ class CTCTask:
         if self.init == "none":
             model = Wav2Vec2ForCTC(self.model_config, len(self.vocab))
         else:
-            source = load(self.init)
+            from speech_ssl import storage
+
+            source = load(storage.fetched(self.init))  # on this worker's node: a URI is downloaded here
             encoder = getattr(source, "encoder", source)
             model = Wav2Vec2ForCTC.from_pretrained_encoder(encoder, len(self.vocab),
                                                            **dataclasses.asdict(self.model_config))
@@ -206,8 +201,8 @@ class CTCTask:
             if not text.strip():
                 dropped.append((utt, "empty-transcript", "no characters left after normalisation"))
                 continue
-            units = input_units(config, utt.duration)
-            frames = int(encoder.output_lengths(torch.tensor([units]))[0]) if units > 0 else 0
+            steps = input_steps(config, utt.duration)
+            frames = int(encoder.output_lengths(torch.tensor([steps]))[0]) if steps > 0 else 0
             needed = ctc_frames_needed(self.vocab.encode(text))
             if frames < needed:
                 dropped.append((utt, "too-short-for-transcript",
@@ -219,10 +214,9 @@ class CTCTask:
     def _stream(self, split: str, utterances: list[Utterance], rank: int, world_size: int, seed: int) -> BatchStream:
         if split not in self._streams:
             keep, dropped = self._usable(utterances)
-            spec = feature_spec_for(self._model.config, self.data.sample_rate)
-            stream = BatchStream(keep, self.data, spec, mode="pad", rank=rank, world_size=world_size, seed=seed,
-                                 use_ray=use_ray_data(), vocab=self.vocab, normalizer=self.normalizer,
-                                 read_plan=self.read_plan)
+            stream = model_batch_stream(keep, self.data, self._model.config, "pad", rank=rank, world_size=world_size,
+                                        seed=seed, vocab=self.vocab, normalizer=self.normalizer,
+                                        read_plan=self.read_plan)
             if rank == 0:  # counted once, like the stream's own filtered rows
                 for utt, reason, detail in dropped:
                     stream.report.add_filtered(utt.path, reason, detail, utt.id)

@@ -7,25 +7,12 @@ from typing import Any, Optional
 
 import torch
 
-from speech_ssl.data import BatchStream, DataConfig, FeatureSpec, Utterance
+from speech_ssl.data import BatchStream, DataConfig, Utterance
+from speech_ssl.data.model_inputs import model_batch_stream
 from speech_ssl.data.read_plan import ReadPlan
 from speech_ssl.models.config import ModelConfig
 from speech_ssl.train.metrics import CollapseMonitor
 from speech_ssl.train.task import StepOutput
-
-
-def feature_spec_for(model_config: Any, sample_rate: int = 16000) -> FeatureSpec:
-    """What the data pipeline must produce for a model: waveform for the conv front end (normalised
-    per utterance when the model says so), or log-mel filterbanks for the fbank front end."""
-    if model_config.frontend == "fbank":
-        return FeatureSpec(kind="fbank", sample_rate=sample_rate, n_mels=model_config.n_mels, normalize=True)
-    return FeatureSpec(kind="waveform", sample_rate=sample_rate, normalize=bool(model_config.normalize_waveform))
-
-
-def use_ray_data() -> bool:
-    import ray
-
-    return ray.is_initialized()
 
 
 @dataclass
@@ -84,10 +71,8 @@ class PretrainTask:
     # -- data ----------------------------------------------------------------------------------------
     def _stream(self, split: str, utterances, rank: int, world_size: int, seed: int) -> BatchStream:
         if split not in self._streams:
-            spec = feature_spec_for(self.model_config, self.data.sample_rate)
-            self._streams[split] = BatchStream(utterances, self.data, spec, mode="crop", rank=rank,
-                                               world_size=world_size, seed=seed, use_ray=use_ray_data(),
-                                               read_plan=self.read_plan)
+            self._streams[split] = model_batch_stream(utterances, self.data, self.model_config, "crop", rank=rank,
+                                                      world_size=world_size, seed=seed, read_plan=self.read_plan)
         return self._streams[split]
 
     def train_batches(self, rank: int, world_size: int, seed: int) -> BatchStream:
