@@ -262,16 +262,22 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert valid["bf16"] != valid["fp32"]  # bf16 rounding shows: autocast was on, in training and validation
 
 
-def test_a_full_disk_is_one_error_naming_the_intact_checkpoint_and_the_rerun_resumes(tmp_path):
-    import errno
+def _safetensors_full_disk() -> Exception:
+    from safetensors import SafetensorError
 
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("full", [lambda: OSError(28, "No space left on device"), _safetensors_full_disk],
+                         ids=["oserror", "safetensors"])
+def test_a_full_disk_is_one_error_naming_the_intact_checkpoint_and_the_rerun_resumes(tmp_path, full):
     class FullAfterFirst(LocalContext):
         saves = 0
 
         def save_checkpoint(self, name, write, metrics):
             FullAfterFirst.saves += 1
             if FullAfterFirst.saves > 1:
-                raise OSError(errno.ENOSPC, "No space left on device")
+                raise full()
             return super().save_checkpoint(name, write, metrics)
 
     with pytest.raises(SpeechSSLError) as info:

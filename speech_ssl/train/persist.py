@@ -84,16 +84,25 @@ def save(task: Task, run: Resumable, ctx, output_dir: Path, cfg: TrainerConfig, 
     paragraph, no restart: a restart cannot make space); the newest complete checkpoint stays usable."""
     try:
         return _save(task, run, ctx, output_dir, cfg, valid, logger, judge_best)
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as err:  # noqa: BLE001 - a full disk reaches us as OSError or as a writer's own error
+        if not _is_full_disk(err):
             raise
         latest = ckpt.latest_complete(ctx.storage_root)
         raise SpeechSSLError(
-            f"no space left on the device ({err.strerror}) while writing checkpoint "
+            f"no space left on the device ({getattr(err, 'strerror', None) or err}) while writing checkpoint "
             f"{ckpt.checkpoint_name(run.state.updates)} under {ctx.storage_root}; "
             + (f"the newest complete checkpoint is {latest}: free space (or lower trainer.keep_last) and run "
                "the same command again, it resumes from there" if latest else
                "no complete checkpoint exists yet: free space and run the same command again")) from None
+
+
+def _is_full_disk(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT as an OSError, or inside another writer's error: safetensors raises its own
+    SafetensorError ("... No space left on device (os error 28)"), pyarrow an OSError with errno unset."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "Disk quota exceeded" in text
 
 
 def _judge_best(task: Task, state: TrainingState, name: str, valid: dict[str, float], judge_best: bool) -> None:
